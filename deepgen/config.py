@@ -1,0 +1,188 @@
+"""Typed configuration: every default of the project and what it means, in one place.
+
+These dataclasses are plain data. The library takes them as arguments; the Hydra entry points
+register them as schemas (``stages/schema.py``) so a mistyped key fails at compose time with its
+name. Values marked "original" are those of the released DeepGen 1.0 code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class BridgeConfig:
+    """Stacked Channel Bridging: VLM hidden states -> DiT conditioning."""
+
+    num_fusion_layers: int = 6
+    """Hidden-state layers concatenated on channels, uniformly spaced from the last (original: 6)."""
+    num_layers: int = 6
+    """Bidirectional encoder layers in the connector (original: 6)."""
+    num_heads: int = 32
+    """Attention heads of the connector (original: 32, head dim 64)."""
+    intermediate_size: int = 11946
+    """MLP width of the connector (original: 11946)."""
+    mask_padding: bool = True
+    """Keep left padding out of the connector, the pooled mean and the DiT's text attention.
+    False reproduces the original, which attends to and averages over padding."""
+
+
+@dataclass
+class ModelConfig:
+    """Which weights to load and the sizes of the parts this project adds.
+
+    Architecture dimensions of the VLM and DiT come from the ``config.json`` files of the two
+    directories, so the same code loads the tiny zoo and the real 5B models.
+    """
+
+    name: str = MISSING
+    vlm_path: str = MISSING
+    """Local Qwen2.5-VL directory in the Hugging Face layout (config.json, tokenizer, preprocessor_config.json)."""
+    dit_path: str = MISSING
+    """Local SD3/SD3.5 directory in the diffusers layout (transformer/, vae/, scheduler/)."""
+    build_tiny_zoo: bool = False
+    """Build the tiny model zoo into vlm_path/dit_path's parent on first use (tiny model only)."""
+    num_think_tokens: int = 128
+    """Learnable query tokens appended after the assistant header (original: 128)."""
+    max_prompt_tokens: int = 1024
+    """Prompts longer than this (before think tokens and image tokens) are truncated from the left."""
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+
+
+@dataclass
+class TinyWorldConfig:
+    """Procedurally drawn tiny-world shards, generated on first use when missing."""
+
+    num_t2i: int = 4096
+    num_edit: int = 2048
+    image_size: int = 64
+    samples_per_shard: int = 512
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the webdataset shards are and how batches are formed."""
+
+    name: str = MISSING
+    shards_dir: str = MISSING
+    t2i_pattern: str = "t2i-*.tar"
+    edit_pattern: str = "edit-*.tar"
+    image_size: int = 512
+    """Target side for the fix-pixels resize: area about image_size**2, aspect kept (original: 512)."""
+    size_unit: int = 32
+    """Resized sides are multiples of this (original: 32)."""
+    batch_size: int = 4
+    """Per-device micro-batch (original: 4). Each micro-batch holds one task."""
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    tiny_world: TinyWorldConfig | None = None
+    """If set and shards_dir has no shards, generate tiny-world shards there."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the VLM language model's linear layers (original SFT: r 64, alpha 128, dropout 0.05)."""
+
+    rank: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear layer names inside the language model (the vision tower is never adapted)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decay only on >= 2-D tensors, linear warmup then cosine to zero."""
+
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    eps: float = 1e-8
+    warmup_ratio: float = 0.01
+    """Fraction of max_steps spent in linear warmup (original: 1%)."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of lr (original: 0)."""
+
+
+@dataclass
+class StageConfig:
+    """One training stage: what trains, on which tasks, with which optimiser."""
+
+    name: str = MISSING
+    train_bridge: bool = True
+    """Think tokens and the SCB bridge."""
+    train_dit: bool = False
+    """The full DiT."""
+    lora: LoraConfig | None = None
+    """LoRA on the VLM language model; None keeps the VLM fully frozen."""
+    t2i_per_cycle: int = 2
+    edit_per_cycle: int = 1
+    """Single-task micro-batches in a repeating cycle (original SFT: 2 T2I then 1 edit)."""
+    cfg_dropout: float = 0.1
+    """Probability of an empty T2I caption, for classifier-free guidance (original: 0.1, T2I only)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class TrainerConfig:
+    """Loop length, clipping, checkpoint and logging cadence."""
+
+    max_steps: int = 400_000
+    grad_clip: float = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 1000
+    keep_last_checkpoints: int = 3
+    sample_every_n_steps: int = 0
+    """Log a sample grid every N steps (0: only at the end)."""
+
+
+@dataclass
+class SamplingConfig:
+    """ODE sampling for sample grids (original: 50 Euler steps, CFG 4.0-4.5)."""
+
+    num_steps: int = 50
+    cfg_scale: float = 4.0
+    seed: int = 0
+    prompts: list[str] = field(default_factory=list)
+    """Captions for the T2I part of the sample grid."""
+    num_edit_samples: int = 2
+    """Editing samples (from the data stream) added to the grid."""
+
+
+@dataclass
+class HardwareConfig:
+    """Lightning accelerator settings."""
+
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: str = "32-true"
+    strategy: str = "auto"
+    torch_threads: int = 0
+    """CPU threads for torch (0: leave torch's default)."""
+
+
+@dataclass
+class RunConfig:
+    """The root of a training run's configuration."""
+
+    stage: StageConfig = field(default_factory=StageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loggers: dict[str, Any] = field(default_factory=dict)
+    """Lightning loggers by name, each with a ``_target_`` (see conf/logger/)."""
+    seed: int = 0
+    init_from: str | None = None
+    """Checkpoint whose weights start this run (the previous stage's output)."""
+    output_dir: str = "outputs"

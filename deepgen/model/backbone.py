@@ -1,0 +1,240 @@
+"""DeepGenBackbone: the one model wrapper all stages share.
+
+VLM (prompt + reference images + think tokens) -> six stacked hidden-state layers -> SCB bridge ->
+SD3 DiT (clean reference latents appended to the image tokens) -> VAE. Which parts train is decided
+by the stage, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from deepgen.config import ModelConfig
+from deepgen.diffusion.loss import add_noise, flow_matching_loss
+from deepgen.diffusion.sampling import euler_sample, guided_velocity
+from deepgen.diffusion.schedule import (
+    inference_sigmas,
+    sample_train_sigmas,
+    sigma_to_timestep,
+    train_sigma_table,
+)
+from deepgen.model.bridge import SCBBridge
+from deepgen.model.loading import DiffusionParts, VLMParts, load_diffusion, load_vlm
+from deepgen.model.vlm import VLMBatch, VLMPrompter, select_fusion_layers
+
+
+@dataclass
+class Conditioning:
+    """What the DiT receives from the VLM side."""
+
+    seq: Tensor  # [B, L, joint_attention_dim]
+    pooled: Tensor  # [B, pooled_projection_dim]
+    mask: Tensor | None  # [B, L] bool (True = real token), None when padding is not masked
+
+    def cat(self, other: Conditioning) -> Conditioning:
+        """Stack two conditionings on the batch axis (CFG: conditional then unconditional)."""
+        length = max(self.seq.shape[1], other.seq.shape[1])
+        seqs, masks = [], []
+        for c in (self, other):
+            pad = length - c.seq.shape[1]
+            # Left-pad, like the VLM side, so the think tokens stay at the end.
+            seqs.append(nn.functional.pad(c.seq, (0, 0, pad, 0)))
+            if c.mask is not None:
+                masks.append(nn.functional.pad(c.mask, (pad, 0), value=False))
+        mask = torch.cat(masks) if masks else None
+        if mask is None and any(s.shape[1] != length for s in (self.seq, other.seq)):
+            raise ValueError("Cannot batch conditionings of different lengths without a padding mask")
+        return Conditioning(torch.cat(seqs), torch.cat([self.pooled, other.pooled]), mask)
+
+
+class DeepGenBackbone(nn.Module):
+    def __init__(self, vlm: VLMParts, diffusion: DiffusionParts, cfg: ModelConfig) -> None:
+        super().__init__()
+        text_cfg = vlm.model.config.get_text_config()
+        dit_cfg = diffusion.transformer.config
+        self.cfg = cfg
+        self.vlm = vlm.model
+        self.dit = diffusion.transformer
+        self.vae = diffusion.vae
+        self.scheduler = diffusion.scheduler
+        self.tokenizer = vlm.tokenizer
+        self.vision = vlm.vision
+        self.image_token_id = vlm.image_token_id
+        self.fusion_layers = select_fusion_layers(text_cfg.num_hidden_layers, cfg.bridge.num_fusion_layers)
+        hidden = text_cfg.hidden_size
+        self.think_tokens = nn.Parameter(torch.randn(cfg.num_think_tokens, hidden) * hidden**-0.5)
+        self.bridge = SCBBridge(
+            vlm_hidden=hidden,
+            num_fusion_layers=cfg.bridge.num_fusion_layers,
+            num_layers=cfg.bridge.num_layers,
+            num_heads=cfg.bridge.num_heads,
+            intermediate_size=cfg.bridge.intermediate_size,
+            joint_attention_dim=dit_cfg.joint_attention_dim,
+            pooled_projection_dim=dit_cfg.pooled_projection_dim,
+            mask_padding=cfg.bridge.mask_padding,
+        )
+        self.vae.requires_grad_(False)
+        self.register_buffer("train_sigmas", train_sigma_table(self.scheduler), persistent=False)
+
+    @classmethod
+    def from_pretrained_dirs(
+        cls, cfg: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> DeepGenBackbone:
+        """Load from ``cfg.vlm_path`` and ``cfg.dit_path``; ``device="meta"`` builds the architecture only."""
+        vlm = load_vlm(cfg.vlm_path, device=device, dtype=dtype)
+        diffusion = load_diffusion(cfg.dit_path, device=device, dtype=dtype)
+        if str(device) == "meta":
+            with torch.device("meta"):
+                return cls(vlm, diffusion, cfg)
+        return cls(vlm, diffusion, cfg).to(device)
+
+    # ----------------------------------------------------------------------------------- sizes
+    @property
+    def device(self) -> torch.device:
+        return self.think_tokens.device
+
+    @property
+    def prompter(self) -> VLMPrompter:
+        return VLMPrompter(
+            self.tokenizer,
+            self.vision,
+            self.image_token_id,
+            self.cfg.num_think_tokens,
+            self.cfg.max_prompt_tokens,
+        )
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part (LoRA adapters, when attached, are counted apart from the VLM)."""
+
+        def count(module: nn.Module, lora: bool | None = None) -> int:
+            return sum(
+                p.numel() for n, p in module.named_parameters() if lora is None or (("lora_" in n) == lora)
+            )
+
+        return {
+            "vlm": count(self.vlm, lora=False),
+            "vlm_vision": count(self.vlm.model.visual, lora=False),
+            "vlm_lora": count(self.vlm, lora=True),
+            "dit": count(self.dit),
+            "vae": count(self.vae),
+            "bridge": count(self.bridge) + self.think_tokens.numel(),
+        }
+
+    # ---------------------------------------------------------------------------- conditioning
+    def encode_prompts(self, batch: VLMBatch) -> Conditioning:
+        """Run the VLM with think tokens and bridge six of its hidden-state layers to the DiT."""
+        dev = self.device
+        ids = batch.input_ids.to(dev)
+        mask = batch.attention_mask.to(dev)
+        lm = self.vlm.model.language_model
+        embeds = lm.get_input_embeddings()(ids)
+        if batch.pixel_values is not None:
+            # The vision tower is always frozen (the original never trains it, LoRA included).
+            with torch.no_grad():
+                vis = self.vlm.model.visual(
+                    batch.pixel_values.to(dev, self.vlm.dtype), grid_thw=batch.image_grid_thw.to(dev)
+                )
+            features = getattr(vis, "pooler_output", vis).to(embeds.dtype)
+            embeds = embeds.masked_scatter((ids == self.image_token_id).unsqueeze(-1), features)
+        k = self.cfg.num_think_tokens
+        if k:
+            think = self.think_tokens.to(embeds.dtype).expand(ids.shape[0], -1, -1)
+            embeds = torch.cat([embeds[:, : ids.shape[1] - k], think], dim=1)
+        out = lm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=batch.position_ids.to(dev),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        stacked = torch.cat([out.hidden_states[i] for i in self.fusion_layers], dim=-1)
+        seq, pooled = self.bridge(stacked, mask)
+        return Conditioning(seq, pooled, mask.bool() if self.cfg.bridge.mask_padding else None)
+
+    def condition_t2i(self, captions: list[str]) -> Conditioning:
+        return self.encode_prompts(self.prompter.t2i(captions))
+
+    def condition_edit(self, instructions: list[str], references: list[list[Tensor]]) -> Conditioning:
+        """Args: references: per sample, reference images ``[3, H, W]`` in [-1, 1]."""
+        return self.encode_prompts(self.prompter.edit(instructions, references))
+
+    # -------------------------------------------------------------------------------- latents
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Pixels ``[B, 3, H, W]`` in [-1, 1] -> normalised latents ``(z - shift) * scale``."""
+        z = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist.sample(generator)
+        return (z - self._vae_shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Normalised latents -> pixels in [-1, 1]."""
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self._vae_shift
+        return self.vae.decode(z).sample.clamp(-1, 1)
+
+    @property
+    def _vae_shift(self) -> float:
+        return self.vae.config.shift_factor or 0.0
+
+    def encode_references(self, references: list[list[Tensor]]) -> list[list[Tensor]]:
+        return [[self.encode_images(r[None])[0] for r in refs] for refs in references]
+
+    # ------------------------------------------------------------------------------ diffusion
+    def velocity(
+        self, x_t: Tensor, sigma: Tensor, cond: Conditioning, ref_latents: list[list[Tensor]] | None = None
+    ) -> Tensor:
+        """The DiT's velocity prediction for the target latents ``x_t`` at noise level ``sigma`` ``[B]``."""
+        return self.dit(
+            hidden_states=x_t,
+            encoder_hidden_states=cond.seq,
+            pooled_projections=cond.pooled,
+            timestep=sigma_to_timestep(sigma, self.scheduler).to(x_t.dtype),
+            encoder_attention_mask=cond.mask,
+            ref_latents=ref_latents,
+            return_dict=False,
+        )[0]
+
+    def flow_loss(
+        self,
+        cond: Conditioning,
+        targets: Tensor,
+        ref_latents: list[list[Tensor]] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Flow-matching loss on target images ``[B, 3, H, W]`` in [-1, 1]."""
+        x0 = self.encode_images(targets, generator)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        sigma = sample_train_sigmas(self.train_sigmas, x0.shape[0], generator)
+        return flow_matching_loss(
+            self.velocity(add_noise(x0, noise, sigma), sigma, cond, ref_latents), x0, noise
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Conditioning,
+        uncond: Conditioning,
+        height: int,
+        width: int,
+        *,
+        ref_latents: list[list[Tensor]] | None = None,
+        num_steps: int = 50,
+        cfg_scale: float = 4.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Euler ODE sampling with CFG; returns pixels ``[B, 3, height, width]`` in [-1, 1]."""
+        batch = cond.pooled.shape[0]
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        shape = (batch, self.dit.config.in_channels, height // factor, width // factor)
+        x = torch.randn(shape, generator=generator, device=self.device)
+        both = cond.cat(uncond)
+        refs = ref_latents + ref_latents if ref_latents is not None else None
+
+        def velocity(x: Tensor, sigma: Tensor) -> Tensor:
+            v = self.velocity(torch.cat([x, x]), sigma.expand(2 * batch).to(self.device), both, refs)
+            return guided_velocity(v[:batch], v[batch:], cfg_scale)
+
+        sigmas = inference_sigmas(self.scheduler, num_steps).to(self.device)
+        return self.decode_latents(euler_sample(velocity, x, sigmas))
