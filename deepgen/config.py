@@ -183,6 +183,4 @@ class RunConfig:
     loggers: dict[str, Any] = field(default_factory=dict)
     """Lightning loggers by name, each with a ``_target_`` (see conf/logger/)."""
     seed: int = 0
-    init_from: str | None = None
-    """Checkpoint whose weights start this run (the previous stage's output)."""
     output_dir: str = "outputs"

@@ -1,0 +1,5 @@
+"""Lightning layer: the training stages and what they share."""
+
+from stages.sft import JointSFTModule
+
+STAGES = {"sft": JointSFTModule}

@@ -1,0 +1,138 @@
+"""Callbacks shared by the stages: sample grids written to the run folder and to W&B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from deepgen.config import SamplingConfig
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """``[B, 3, H, W]`` in [-1, 1] -> ``[B, H, W, 3]`` uint8 (the original's 127.5 * x + 128)."""
+    return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def tile_rows(rows: list[list[np.ndarray]], pad: int = 2) -> Image.Image:
+    """Lay out rows of equally sized HxWx3 images on a white sheet."""
+    h, w = rows[0][0].shape[:2]
+    cols = max(len(r) for r in rows)
+    sheet = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            sheet[y : y + h, x : x + w] = img
+    return Image.fromarray(sheet)
+
+
+class SampleGridCallback(L.Callback):
+    """Samples the configured T2I prompts and a few editing triplets seen in training.
+
+    Row 1 holds the T2I samples; each further row is (source, edited sample, ground-truth target).
+    """
+
+    def __init__(
+        self, cfg: SamplingConfig, image_size: int, out_dir: str | Path, every_n_steps: int = 0
+    ) -> None:
+        self.cfg = cfg
+        self.image_size = image_size
+        self.out_dir = Path(out_dir)
+        self.every_n_steps = every_n_steps
+        self.edits: list[tuple[Tensor, str, Tensor]] = []
+        self.last_path: Path | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch["task"] == "edit" and len(self.edits) < self.cfg.num_edit_samples:
+            for src, instruction, tgt in zip(
+                batch["sources"], batch["instructions"], batch["targets"], strict=True
+            ):
+                if len(self.edits) < self.cfg.num_edit_samples:
+                    self.edits.append((src[0].cpu(), instruction, tgt.cpu()))
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step < trainer.max_steps:
+            self.write_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.write_grid(trainer, pl_module)
+
+    @torch.no_grad()
+    def make_grid(self, pl_module) -> Image.Image:
+        bb = pl_module.backbone
+        size = self.image_size
+        cfg = self.cfg
+
+        def generator() -> torch.Generator:
+            return torch.Generator(device=bb.device).manual_seed(cfg.seed)
+
+        rows = []
+        if cfg.prompts:
+            n = len(cfg.prompts)
+            images = bb.sample(
+                bb.condition_t2i(list(cfg.prompts)),
+                bb.condition_t2i([""] * n),
+                size,
+                size,
+                num_steps=cfg.num_steps,
+                cfg_scale=cfg.cfg_scale,
+                generator=generator(),
+            )
+            rows.append(list(to_uint8(images)))
+        if self.edits:
+            refs = [[src.to(bb.device)] for src, _, _ in self.edits]
+            instructions = [instruction for _, instruction, _ in self.edits]
+            images = bb.sample(
+                bb.condition_edit(instructions, refs),
+                bb.condition_edit([""] * len(refs), refs),
+                size,
+                size,
+                ref_latents=bb.encode_references(refs),
+                num_steps=cfg.num_steps,
+                cfg_scale=cfg.cfg_scale,
+                generator=generator(),
+            )
+            for (src, _, tgt), out in zip(self.edits, to_uint8(images), strict=True):
+                rows.append([to_uint8(src[None])[0], out, to_uint8(tgt[None])[0]])
+        return tile_rows(rows)
+
+    def write_grid(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or not (self.cfg.prompts or self.edits):
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        grid = self.make_grid(pl_module)
+        pl_module.train(was_training)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.last_path = self.out_dir / f"step_{trainer.global_step:06d}.png"
+        grid.save(self.last_path)
+        caption = " | ".join(self.cfg.prompts) + (" ; edits: source, sample, target" if self.edits else "")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(
+                    "samples/grid", images=[np.asarray(grid)], caption=[caption], step=trainer.global_step
+                )
+
+
+class LossSummary(L.Callback):
+    """Keeps the per-step training loss and prints how it moved over the run."""
+
+    def __init__(self, window: int = 50) -> None:
+        self.window = window
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+
+    def summary(self) -> str:
+        n = min(self.window, max(1, len(self.losses) // 2))
+        first, last = np.mean(self.losses[:n]), np.mean(self.losses[-n:])
+        return f"train/loss: mean of first {n} steps {first:.4f} -> mean of last {n} steps {last:.4f}"
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.losses:
+            print(self.summary())

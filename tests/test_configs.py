@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from deepgen.config import RunConfig
+from stages.schema import register_schema
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+register_schema()
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_default_is_tiny_sft_on_cpu_with_the_tiny_recipe():
+    run = OmegaConf.to_object(compose_train())
+    assert isinstance(run, RunConfig)
+    assert (run.stage.name, run.model.name, run.data.name, run.hardware.accelerator) == (
+        "sft",
+        "tiny",
+        "tiny_world",
+        "cpu",
+    )
+    assert run.stage.optim.lr == 1e-3 and run.trainer.max_steps == 600  # conf/recipe/tiny_sft.yaml
+    assert run.stage.lora.rank == 64 and run.stage.train_dit and run.stage.train_bridge
+    assert set(run.loggers) == {"wandb", "csv"}
+
+
+@pytest.mark.parametrize("group", ["model", "data", "hardware", "logger", "stage"])
+def test_every_option_of_every_group_composes(group):
+    for option in sorted((CONF / group).glob("*.yaml")):
+        cfg = compose_train(f"{group}={option.stem}")
+        assert cfg is not None
+
+
+def test_mistyped_key_fails_with_its_name():
+    with pytest.raises(ConfigCompositionException, match="stage.lrr"):
+        compose_train("stage.lrr=1")
+
+
+def test_full_size_model_requires_its_paths():
+    cfg = compose_train("model=deepgen_5b")
+    with pytest.raises(MissingMandatoryValue, match="vlm_path"):
+        OmegaConf.to_object(cfg)
+    run = OmegaConf.to_object(compose_train("model=deepgen_5b", "model.vlm_path=/v", "model.dit_path=/d"))
+    assert run.model.num_think_tokens == 128 and run.model.bridge.num_layers == 6
+    assert run.stage.optim.lr == 5e-5  # the original SFT lr: no tiny recipe for the real model
