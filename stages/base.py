@@ -65,6 +65,9 @@ class StageModule(L.LightningModule):
             bb.dit.requires_grad_(True)
         if self.stage_cfg.lora is not None:
             attach_vlm_lora(bb.vlm, self.stage_cfg.lora)  # new LoRA weights are the only trainable VLM part
+        # from_pretrained leaves modules in eval mode, which would silently switch off LoRA dropout.
+        bb.train()
+        bb.vae.eval()
         trainable = self.trainable_names()
         if not trainable:
             raise ValueError(

@@ -1,0 +1,33 @@
+"""The DeepGen "fix_pixels" resize rule: keep the aspect ratio, aim for a fixed pixel count.
+
+Every image is scaled so its area is about ``target**2`` (slightly above, never below by more than rounding)
+and both sides are multiples of ``unit`` (32 = VAE factor 8 x DiT patch 2 x VLM merge 2, rounded up). There is
+no cropping, so the whole image stays visible, and images of different aspect ratios get different sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image
+
+
+def fix_pixels_size(width: int, height: int, target: int, unit: int = 32) -> tuple[int, int]:
+    """New (width, height): r = target / sqrt(W * H), each side -> ceil(side * r / unit) * unit."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if target <= 0 or unit <= 0:
+        raise ValueError(f"target and unit must be positive, got target={target}, unit={unit}")
+    scale = target / math.sqrt(width * height)
+    # The tolerance keeps float noise (e.g. 64.00000000000001) from adding a whole extra unit.
+    new_width = math.ceil(width * scale / unit - 1e-9) * unit
+    new_height = math.ceil(height * scale / unit - 1e-9) * unit
+    return new_width, new_height
+
+
+def resize_to_fix_pixels(img: Image.Image, target: int, unit: int = 32) -> Image.Image:
+    """Bicubic resize to `fix_pixels_size`; returns `img` itself when the size already fits."""
+    size = fix_pixels_size(img.width, img.height, target, unit)
+    if size == img.size:
+        return img
+    return img.resize(size, Image.Resampling.BICUBIC)
