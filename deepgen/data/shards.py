@@ -307,26 +307,42 @@ def _check_cycle(t2i_per_cycle: int, edit_per_cycle: int) -> None:
 
 
 def cycle_tasks(
-    t2i: Iterable[dict] | None, edit: Iterable[dict] | None, t2i_per_cycle: int, edit_per_cycle: int
+    t2i: Iterable[dict] | None,
+    edit: Iterable[dict] | None,
+    t2i_per_cycle: int,
+    edit_per_cycle: int,
+    *,
+    start: int = 0,
+    step: int = 1,
 ) -> Iterator[dict]:
     """Repeat: t2i_per_cycle batches from `t2i`, then edit_per_cycle from `edit`; a count of 0 disables
-    that task (its iterable may be None). Stops as soon as a needed stream runs out."""
+    that task (its iterable may be None). Stops as soon as a needed stream runs out.
+
+    Yields only positions start, start + step, ... of that cycle, so that `step` interleaved producers
+    (DataLoader workers) together yield the exact cycle.
+    """
     _check_cycle(t2i_per_cycle, edit_per_cycle)
-    plan = [(iter(src), n) for src, n in ((t2i, t2i_per_cycle), (edit, edit_per_cycle)) if n > 0]
+    if start < 0 or step < 1:
+        raise ValueError(f"need start >= 0 and step >= 1, got start={start}, step={step}")
+    t2i_iter = iter(t2i) if t2i_per_cycle else None
+    edit_iter = iter(edit) if edit_per_cycle else None
+    period = t2i_per_cycle + edit_per_cycle
+    position = start
     while True:
-        for it, n in plan:
-            for _ in range(n):
-                try:
-                    yield next(it)
-                except StopIteration:
-                    return
+        stream = t2i_iter if position % period < t2i_per_cycle else edit_iter
+        try:
+            yield next(stream)
+        except StopIteration:
+            return
+        position += step
 
 
 class TaskCycleDataset(torch.utils.data.IterableDataset):
     """Single-task batches in a fixed T2I/edit cycle; use with DataLoader(batch_size=None, num_workers=N).
 
     Each rank and worker gets its own shard split (resampled=False) or its own shard draws
-    (resampled=True), and its own shuffle seed. Every new iteration (epoch) reshuffles.
+    (resampled=True), and its own shuffle seed. Every new iteration (epoch) reshuffles. The loader's output
+    follows the cycle exactly for any num_workers while all workers are running (always, with resampled=True).
     """
 
     def __init__(
@@ -371,4 +387,9 @@ class TaskCycleDataset(torch.utils.data.IterableDataset):
         )
         t2i = t2i_batches(self.t2i_urls, **common) if self.t2i_per_cycle else None
         edit = edit_batches(self.edit_urls, **common) if self.edit_per_cycle else None
-        return cycle_tasks(t2i, edit, self.t2i_per_cycle, self.edit_per_cycle)
+        # DataLoader takes batch k from worker k % num_workers. If every worker ran the whole cycle, two
+        # workers would give T,T,T,T,E,E instead of T,T,E,T,T,E; so worker w yields cycle positions
+        # w, w + num_workers, ... and the loader's round robin restores the exact cycle.
+        worker = torch.utils.data.get_worker_info()
+        start, step = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        return cycle_tasks(t2i, edit, self.t2i_per_cycle, self.edit_per_cycle, start=start, step=step)

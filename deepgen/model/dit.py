@@ -280,7 +280,8 @@ class DeepGenSD3Transformer(SD3Transformer2DModel):
             if any(refs):
                 hidden_states, image_mask = pack_image_tokens(target, refs)
 
-        # An all-valid text mask is dropped so the unmasked SDPA path (identical to stock) is used.
+        # An all-valid text mask is dropped so the unmasked SDPA path (identical to stock, flash-capable) is
+        # used; the check costs one host sync per forward.
         text_mask = None
         if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
             text_mask = encoder_attention_mask.to(device=hidden_states.device, dtype=torch.bool)

@@ -87,6 +87,19 @@ def test_cycle_tasks_pattern():
         )
     ]
     assert tasks == ["t", "t", "e", "t", "t", "e", "t"]
+    three_to_one = cycle_tasks(iter([{"task": "t"}] * 99), iter([{"task": "e"}] * 99), 3, 1)
+    assert [b["task"] for _, b in zip(range(8), three_to_one, strict=False)] == [
+        "t",
+        "t",
+        "t",
+        "e",
+        "t",
+        "t",
+        "t",
+        "e",
+    ]
+    every_other = cycle_tasks(iter([{"task": "t"}] * 99), iter([{"task": "e"}] * 99), 2, 1, start=1, step=2)
+    assert [b["task"] for _, b in zip(range(4), every_other, strict=False)] == ["t", "t", "e", "t"]  # 1,3,5,7
     only_edit = cycle_tasks(None, iter([{"task": "e"}] * 3), 0, 2)
     assert [b["task"] for b in only_edit] == ["e", "e", "e"]  # stops when the stream ends
     with pytest.raises(ValueError, match="not both 0"):
@@ -97,6 +110,14 @@ def test_task_cycle_dataset_pattern(shards):
     ds = TaskCycleDataset(shards["t2i"], shards["edit"], 2, 64, 32, 0, 8, t2i_per_cycle=2, edit_per_cycle=1)
     tasks = [b["task"] for _, b in zip(range(6), ds, strict=False)]
     assert tasks == ["t2i", "t2i", "edit", "t2i", "t2i", "edit"]
+
+
+def test_task_cycle_survives_dataloader_workers(shards):
+    """The loader interleaves workers batch by batch; the global order must still be the exact cycle."""
+    ds = TaskCycleDataset(shards["t2i"], shards["edit"], 2, 64, 32, 0, 8, t2i_per_cycle=2, edit_per_cycle=1)
+    loader = DataLoader(ds, batch_size=None, num_workers=2)
+    tasks = [b["task"] for _, b in zip(range(9), loader, strict=False)]
+    assert tasks == ["t2i", "t2i", "edit"] * 3
 
 
 def test_node_split_is_disjoint_and_complete(shards, monkeypatch):

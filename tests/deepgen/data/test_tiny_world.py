@@ -4,6 +4,7 @@ import random
 import re
 import tarfile
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -153,6 +154,20 @@ def test_single_object_position_is_true():
     assert not any(w in c for c in captions for w in ("right", "bottom", "center"))
 
 
+def assert_changes_only_inside_edited_boxes(source: dict, target: dict, info: dict) -> None:
+    """Pixels that differ between the two renders lie in the edited object's box (before or after)."""
+    changed = np.any(np.array(render_scene(source)) != np.array(render_scene(target)), axis=-1)
+    allowed = np.zeros_like(changed)
+    i = info["object"]
+    edited = [target["objects"][i]] if info["kind"] == "add" else [source["objects"][i]]
+    if info["kind"] in ("recolour", "move"):
+        edited.append(target["objects"][i])
+    for o in edited:
+        (x, y), r = o["center"], o["radius"]
+        allowed[y - r : y + r + 1, x - r : x + r + 1] = True
+    assert changed.any() and not (changed & ~allowed).any(), info
+
+
 def test_edits_change_exactly_what_edit_info_says():
     specs, rng = scenes(400, seed=7)
     kinds = set()
@@ -166,6 +181,7 @@ def test_edits_change_exactly_what_edit_info_says():
         kinds.add(info["kind"])
         assert_truthful(target)
         assert render_scene(source).tobytes() != render_scene(target).tobytes()
+        assert_changes_only_inside_edited_boxes(source, target, info)
         src, tgt, i = source["objects"], target["objects"], info["object"]
         if info["kind"] != "add":
             obj = src[i]
