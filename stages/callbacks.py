@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +12,8 @@ from PIL import Image
 from torch import Tensor
 
 from deepgen.config import SamplingConfig
+
+log = logging.getLogger(__name__)
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -135,4 +138,4 @@ class LossSummary(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.losses:
-            print(self.summary())
+            log.info(self.summary())

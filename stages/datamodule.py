@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -10,6 +11,8 @@ from torch.utils.data import DataLoader
 from deepgen.config import DataConfig, StageConfig
 from deepgen.data.shards import TaskCycleDataset
 from deepgen.data.tiny_world import write_tiny_world_shards
+
+log = logging.getLogger(__name__)
 
 
 class DeepGenDataModule(L.LightningDataModule):
@@ -31,7 +34,7 @@ class DeepGenDataModule(L.LightningDataModule):
                 f"No shards matching {cfg.t2i_pattern} or {cfg.edit_pattern} in data.shards_dir={cfg.shards_dir}"
             )
         tw = cfg.tiny_world
-        print(
+        log.info(
             f"Generating tiny-world shards in {cfg.shards_dir} (first use: {tw.num_t2i} T2I, {tw.num_edit} edits)"
         )
         write_tiny_world_shards(

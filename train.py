@@ -1,0 +1,104 @@
+"""Train a DeepGen stage: `python train.py stage=sft` (tiny world on CPU by default).
+
+Wiring only: compose and validate the config, build the data module, the stage module and the
+trainer, call fit. Every option is documented in deepgen/config.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from deepgen.config import RunConfig
+from deepgen.model.tiny_zoo import build_tiny_zoo
+from stages import STAGES
+from stages.callbacks import LossSummary, SampleGridCallback
+from stages.checkpoint_io import SafeCheckpointIO
+from stages.datamodule import DeepGenDataModule
+from stages.schema import register_schema
+
+register_schema()
+# The VAE stays in eval mode on purpose (it is frozen and only encodes); Lightning would warn about it.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+log = logging.getLogger("deepgen.train")
+
+
+def batch_size(batch: dict) -> int:
+    return len(batch["captions"] if batch["task"] == "t2i" else batch["instructions"])
+
+
+def ensure_tiny_zoo(run: RunConfig) -> None:
+    root = Path(run.model.vlm_path).parent
+    if Path(run.model.dit_path).parent != root:
+        raise ValueError("model.build_tiny_zoo needs model.vlm_path and model.dit_path in one folder")
+    build_tiny_zoo(root, log=log.info)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    run: RunConfig = OmegaConf.to_object(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if run.stage.name not in STAGES:
+        raise ValueError(f"stage={run.stage.name} is not available; choose one of {sorted(STAGES)}")
+    if run.hardware.torch_threads:
+        torch.set_num_threads(run.hardware.torch_threads)
+    L.seed_everything(run.seed, workers=True)
+    if run.model.build_tiny_zoo:
+        ensure_tiny_zoo(run)
+
+    data = DeepGenDataModule(run.data, run.stage)
+    module = STAGES[run.stage.name](run.model, run.stage, run.trainer.max_steps, seed=run.seed)
+    module.configure_model()
+    log.info(f"Run folder: {run_dir}\nParameters:\n{module.describe_parameters()}")
+
+    loggers = [instantiate(c, save_dir=str(run_dir)) for c in run.loggers.values()]
+    loss_summary = LossSummary()
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="step={step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=run.trainer.checkpoint_every_n_steps,
+            monitor="step",
+            mode="max",
+            save_top_k=run.trainer.keep_last_checkpoints,
+        ),
+        ThroughputMonitor(batch_size_fn=batch_size, window_size=min(20, run.trainer.log_every_n_steps * 2)),
+        SampleGridCallback(
+            run.sampling, run.data.image_size, run_dir / "samples", run.trainer.sample_every_n_steps
+        ),
+        loss_summary,
+    ]
+    trainer = L.Trainer(
+        accelerator=run.hardware.accelerator,
+        devices=run.hardware.devices,
+        num_nodes=run.hardware.num_nodes,
+        precision=run.hardware.precision,
+        strategy=run.hardware.strategy,
+        max_steps=run.trainer.max_steps,
+        gradient_clip_val=run.trainer.grad_clip,
+        accumulate_grad_batches=run.trainer.accumulate_grad_batches,
+        log_every_n_steps=run.trainer.log_every_n_steps,
+        default_root_dir=run_dir,
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[SafeCheckpointIO()],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=data)
+    log.info(f"Done. Samples: {run_dir / 'samples'}  Checkpoints: {run_dir / 'checkpoints'}")
+
+
+if __name__ == "__main__":
+    main()
