@@ -23,7 +23,7 @@ from deepgen.model.tiny_zoo import build_tiny_zoo
 from stages import STAGES
 from stages.callbacks import LossSummary, SampleGridCallback
 from stages.checkpoint_io import SafeCheckpointIO
-from stages.datamodule import DeepGenDataModule
+from stages.datamodule import DataProgress, DeepGenDataModule
 from stages.schema import register_schema
 
 register_schema()
@@ -56,6 +56,10 @@ def main(cfg: DictConfig) -> None:
     if run.model.build_tiny_zoo:
         ensure_tiny_zoo(run)
 
+    if run.trainer.resume_from and not Path(run.trainer.resume_from).is_dir():
+        raise FileNotFoundError(
+            f"trainer.resume_from={run.trainer.resume_from} is not a checkpoint directory"
+        )
     data = DeepGenDataModule(run.data, run.stage)
     module = STAGES[run.stage.name](run.model, run.stage, run.trainer.max_steps, seed=run.seed)
     module.configure_model()
@@ -78,6 +82,7 @@ def main(cfg: DictConfig) -> None:
             run.sampling, run.data.image_size, run_dir / "samples", run.trainer.sample_every_n_steps
         ),
         loss_summary,
+        DataProgress(data),
     ]
     trainer = L.Trainer(
         accelerator=run.hardware.accelerator,
@@ -96,7 +101,7 @@ def main(cfg: DictConfig) -> None:
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=run.trainer.resume_from)
     log.info(f"Done. Samples: {run_dir / 'samples'}  Checkpoints: {run_dir / 'checkpoints'}")
 
 

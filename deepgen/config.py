@@ -58,9 +58,31 @@ class TinyWorldConfig:
 
     num_t2i: int = 4096
     num_edit: int = 2048
+    num_reasoning_t2i: int = 512
+    """T2I prompts that need a fact ("a circle the colour of a ripe banana")."""
+    num_text_t2i: int = 512
+    """Signs with a short word, at a 2:1 aspect ratio."""
+    num_reasoning_edit: int = 256
+    num_text_edit: int = 256
+    num_eval_per_split: int = 64
+    """Held-out prompts per eval split (eval/*.jsonl), disjoint from the training prompts."""
     image_size: int = 64
     samples_per_shard: int = 512
     seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset of a task's mixture."""
+
+    name: str = MISSING
+    task: str = MISSING
+    """t2i or edit."""
+    shards: str = MISSING
+    """A directory (its <task>-*.tar), a local glob, or a brace-expanded url
+    (``pipe:aws s3 cp s3://bucket/t2i-{000000..000999}.tar -``, ``https://host/t2i-{0..9}.tar``)."""
+    weight: float = 1.0
+    """Relative sampling weight among the datasets of the same task."""
 
 
 @dataclass
@@ -69,8 +91,11 @@ class DataConfig:
 
     name: str = MISSING
     shards_dir: str = MISSING
+    """Shards of the default dataset (both tasks); used when ``datasets`` is empty."""
     t2i_pattern: str = "t2i-*.tar"
     edit_pattern: str = "edit-*.tar"
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    """A mixture: several datasets per task with weights; replaces shards_dir when given."""
     image_size: int = 512
     """Target side for the fix-pixels resize: area about image_size**2, aspect kept (original: 512)."""
     size_unit: int = 32
@@ -79,7 +104,20 @@ class DataConfig:
     """Per-device micro-batch (original: 4). Each micro-batch holds one task."""
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    """Samples held per worker and dataset for shuffling (deterministic from seed)."""
     seed: int = 0
+    resampled: bool = True
+    """Infinite streams of shards drawn with replacement (long runs); False reads each shard once per epoch."""
+    bucketing: bool = True
+    """Batch only samples of the same target size (dense batches with mixed aspect ratios)."""
+    max_aspect: float = 10.0
+    """Skip images more elongated than this (original: 10)."""
+    min_side: int = 1
+    """Skip images with a side below this many pixels (original pre-training: 81)."""
+    max_bad_fraction: float = 0.1
+    """Stop, naming the shard, when more than this fraction of a shard's samples are bad."""
+    bad_check_min_samples: int = 20
+    """Samples read from a shard before max_bad_fraction applies."""
     tiny_world: TinyWorldConfig | None = None
     """If set and shards_dir has no shards, generate tiny-world shards there."""
 
@@ -142,6 +180,9 @@ class TrainerConfig:
     keep_last_checkpoints: int = 3
     sample_every_n_steps: int = 0
     """Log a sample grid every N steps (0: only at the end)."""
+    resume_from: str | None = None
+    """A checkpoint directory (``.../checkpoints/step=NNNNNN.ckpt``) to continue from: weights, optimiser,
+    schedule, step and the exact data position."""
 
 
 @dataclass

@@ -51,3 +51,15 @@ def test_full_size_model_requires_its_paths():
     run = OmegaConf.to_object(compose_train("model=deepgen_5b", "model.vlm_path=/v", "model.dit_path=/d"))
     assert run.model.num_think_tokens == 128 and run.model.bridge.num_layers == 6
     assert run.stage.optim.lr == 5e-5  # the original SFT lr: no tiny recipe for the real model
+
+
+def test_mixture_config_is_typed():
+    overrides = [f"data.datasets.{i}.shards=/d{i}" for i in range(3)]
+    run = OmegaConf.to_object(compose_train("data=mixture", *overrides))
+    assert [(d.name, d.task, d.weight) for d in run.data.datasets] == [
+        ("captions", "t2i", 3.0),
+        ("curated", "t2i", 1.0),
+        ("edits", "edit", 1.0),
+    ]
+    with pytest.raises(ConfigCompositionException, match="wieght"):
+        compose_train("data=mixture", "data.datasets.0.wieght=2")

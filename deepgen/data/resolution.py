@@ -7,8 +7,12 @@ no cropping, so the whole image stays visible, and images of different aspect ra
 
 from __future__ import annotations
 
+import io
 import math
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -25,9 +29,18 @@ def fix_pixels_size(width: int, height: int, target: int, unit: int = 32) -> tup
     return new_width, new_height
 
 
-def resize_to_fix_pixels(img: Image.Image, target: int, unit: int = 32) -> Image.Image:
-    """Bicubic resize to `fix_pixels_size`; returns `img` itself when the size already fits."""
-    size = fix_pixels_size(img.width, img.height, target, unit)
-    if size == img.size:
-        return img
-    return img.resize(size, Image.Resampling.BICUBIC)
+def decode_fix_pixels(data: bytes, target: int, unit: int = 32) -> torch.Tensor:
+    """Encoded image bytes -> uint8 ``[3, H, W]`` at its `fix_pixels_size`.
+
+    JPEGs are decoded at a reduced scale when that still covers the target (libjpeg's DCT scaling),
+    then resized with antialiased bilinear interpolation on uint8, torch's fastest CPU path: together
+    about 2x faster than a full decode plus PIL bicubic for photos larger than the target.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = fix_pixels_size(*img.size, target, unit)
+        img.draft("RGB", (width, height))
+        pixels = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+    if pixels.shape[1:] == (height, width):
+        return pixels
+    resized = F.interpolate(pixels[None], size=(height, width), mode="bilinear", antialias=True)
+    return resized[0]

@@ -1,7 +1,10 @@
+import io
+
 import pytest
+import torch
 from PIL import Image
 
-from deepgen.data.resolution import fix_pixels_size, resize_to_fix_pixels
+from deepgen.data.resolution import decode_fix_pixels, fix_pixels_size
 
 
 @pytest.mark.parametrize(
@@ -24,10 +27,17 @@ def test_fix_pixels_size_rejects_non_positive():
         fix_pixels_size(0, 64, 64)
 
 
-def test_resize_identity_and_resize():
-    img = Image.new("RGB", (64, 64), (10, 20, 30))
-    assert resize_to_fix_pixels(img, 64, 32) is img
-    wide = Image.new("RGB", (1024, 768), (10, 20, 30))
-    out = resize_to_fix_pixels(wide, 512, 32)
-    assert out.size == (608, 448)
-    assert out.getpixel((300, 200)) == (10, 20, 30)
+def _encoded(size, fmt="PNG", color=(10, 20, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_decode_keeps_fitting_images_and_resizes_others():
+    same = decode_fix_pixels(_encoded((64, 64)), 64, 32)
+    assert same.dtype == torch.uint8 and same.shape == (3, 64, 64)
+    assert same[:, 10, 10].tolist() == [10, 20, 30]
+    for fmt in ("PNG", "JPEG"):  # JPEG takes the reduced-scale decode path
+        out = decode_fix_pixels(_encoded((1024, 768), fmt), 512, 32)
+        assert out.shape == (3, 448, 608)
+        assert (out[:, 200, 300].int() - torch.tensor([10, 20, 30])).abs().max() <= 3
