@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from deepgen.config import DataConfig
 from deepgen.data.shards import ReadOptions, Source, TaskCycleDataset, task_batches
 from deepgen.data.writer import json_bytes, shard_name, write_shard
 
@@ -98,7 +99,10 @@ def main() -> None:
         print(
             f"wrote {args.samples} T2I + {args.samples // 2} edit JPEG samples in {time.perf_counter() - t0:.0f} s"
         )
-        opts = ReadOptions(image_size=args.image_size, shuffle_buffer=100, resampled=False)
+        cfg = DataConfig(
+            name="bench", shards_dir=tmp, image_size=args.image_size, shuffle_buffer=100, resampled=False
+        )
+        opts = ReadOptions.from_config(cfg)
         results = {}
         for task in ("t2i", "edit"):
             batches = task_batches(task, [Source(task, urls[task])], batch_size=args.batch_size, opts=opts)

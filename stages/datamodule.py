@@ -85,21 +85,6 @@ class DeepGenDataModule(L.LightningDataModule):
         urls = self.shard_urls(pattern)
         return [Source(Path(cfg.shards_dir).name, urls)] if urls else []
 
-    def read_options(self) -> ReadOptions:
-        cfg = self.data_cfg
-        return ReadOptions(
-            image_size=cfg.image_size,
-            unit=cfg.size_unit,
-            seed=cfg.seed,
-            shuffle_buffer=cfg.shuffle_buffer,
-            resampled=cfg.resampled,
-            bucketing=cfg.bucketing,
-            max_aspect=cfg.max_aspect,
-            min_side=cfg.min_side,
-            max_bad_fraction=cfg.max_bad_fraction,
-            bad_check_min_samples=cfg.bad_check_min_samples,
-        )
-
     def layout(self) -> dict[str, int]:
         """What a data position depends on besides the config: ranks and workers."""
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -126,7 +111,7 @@ class DeepGenDataModule(L.LightningDataModule):
             sources["t2i"],
             sources["edit"],
             batch_size=self.data_cfg.batch_size,
-            opts=self.read_options(),
+            opts=ReadOptions.from_config(self.data_cfg),
             t2i_per_cycle=stage.t2i_per_cycle,
             edit_per_cycle=stage.edit_per_cycle,
             resume=self.resume,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from deepgen.config import BridgeConfig, ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +34,24 @@ def tiny_model_cfg(tiny_zoo) -> ModelConfig:
         num_think_tokens=4,
         bridge=BridgeConfig(num_layers=1, num_heads=4, intermediate_size=64),
     )
+
+
+@pytest.fixture
+def train_cli(tiny_zoo):
+    """Run `python train.py` on the tiny zoo with small, fast settings; later overrides win."""
+
+    def run(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        base = [
+            "stage=sft",
+            "logger=csv",
+            f"model.vlm_path={tiny_zoo.vlm_dir}",
+            f"model.dit_path={tiny_zoo.dit_dir}",
+            "model.build_tiny_zoo=false",
+            "data.num_workers=0",
+            "data.batch_size=2",
+            "sampling.num_steps=2",
+        ]
+        cmd = [sys.executable, "train.py", *base, *overrides]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+    return run

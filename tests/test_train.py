@@ -8,16 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_train_cli_runs_logs_samples_and_checkpoints(tiny_zoo, tmp_path):
+def test_train_cli_runs_logs_samples_and_checkpoints(train_cli, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "train.py",
-        "stage=sft",
-        "logger=csv",
-        f"model.vlm_path={tiny_zoo.vlm_dir}",
-        f"model.dit_path={tiny_zoo.dit_dir}",
-        "model.build_tiny_zoo=false",
+    result = train_cli(
         f"data.shards_dir={tmp_path / 'shards'}",
         "data.tiny_world.num_t2i=24",
         "data.tiny_world.num_edit=12",
@@ -27,15 +20,11 @@ def test_train_cli_runs_logs_samples_and_checkpoints(tiny_zoo, tmp_path):
         "data.tiny_world.num_reasoning_edit=3",
         "data.tiny_world.num_text_edit=3",
         "data.tiny_world.num_eval_per_split=2",
-        "data.num_workers=0",
-        "data.batch_size=2",
         "trainer.max_steps=3",
         "trainer.checkpoint_every_n_steps=3",
         "trainer.log_every_n_steps=1",
-        "sampling.num_steps=2",
         f"hydra.run.dir={run_dir}",
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Generating tiny-world shards" in result.stdout
     assert "train/loss: mean of first" in result.stdout

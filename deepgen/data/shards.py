@@ -35,6 +35,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from deepgen.config import DataConfig
 from deepgen.data.resolution import decode_fix_pixels, fix_pixels_size
 from deepgen.data.schema import SchemaError, check_meta, image_member, source_members, target_member
 
@@ -60,19 +61,24 @@ class Source:
 
 @dataclass
 class ReadOptions:
-    image_size: int = 512
-    unit: int = 32
-    seed: int = 0
-    shuffle_buffer: int = 1000
-    resampled: bool = True
-    bucketing: bool = True
-    max_aspect: float = 10.0
-    """Samples whose width/height (or height/width) exceeds this are skipped (original: 10)."""
-    min_side: int = 1
-    """Images with a side below this many pixels are skipped (0-px images always are)."""
-    max_bad_fraction: float = 0.1
-    bad_check_min_samples: int = 20
-    """A shard with at least this many samples read and a larger bad fraction stops the run."""
+    """The reader's settings; each one means what the same-named field of deepgen.config.DataConfig says
+    (``unit`` is ``size_unit``), where the defaults are documented."""
+
+    image_size: int
+    unit: int
+    seed: int
+    shuffle_buffer: int
+    resampled: bool
+    bucketing: bool
+    max_aspect: float
+    min_side: int
+    max_bad_fraction: float
+    bad_check_min_samples: int
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> ReadOptions:
+        fields = {f: getattr(cfg, f) for f in cls.__dataclass_fields__ if f != "unit"}
+        return cls(unit=cfg.size_unit, **fields)
 
 
 @dataclass

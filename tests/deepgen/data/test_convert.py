@@ -16,12 +16,18 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from deepgen.config import DataConfig
 from deepgen.data.convert import ConvertError, ConvertOptions, convert, state_path
 from deepgen.data.shards import ReadOptions, edit_batches, shard_urls, t2i_batches
 from deepgen.data.tiny_world import caption_scene, random_scene, render_scene
 
 ROOT = Path(__file__).resolve().parents[3]
-READ = dict(batch_size=1, opts=ReadOptions(image_size=32, unit=32, seed=0, shuffle_buffer=0, resampled=False))
+READ = dict(
+    batch_size=1,
+    opts=ReadOptions.from_config(
+        DataConfig(name="t", shards_dir="-", image_size=32, shuffle_buffer=0, resampled=False)
+    ),
+)
 
 
 def image_bytes(seed: int, size: tuple[int, int] = (32, 32), fmt: str = "PNG") -> bytes:
@@ -461,7 +467,7 @@ def test_cli_reports_a_missing_input_in_one_line_with_exit_code_2(tmp_path):
 # End to end
 
 
-def test_train_cli_runs_on_converted_shards(tiny_zoo, tmp_path):
+def test_train_cli_runs_on_converted_shards(train_cli, tmp_path):
     data, edits = tmp_path / "t2i", []
     folder_dataset(data, 8, size=64)
     (tmp_path / "edit").mkdir()
@@ -479,25 +485,14 @@ def test_train_cli_runs_on_converted_shards(tiny_zoo, tmp_path):
         assert convert(opts, progress=False)["samples"] == count
 
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "train.py",
-        "stage=sft",
-        "logger=csv",
-        f"model.vlm_path={tiny_zoo.vlm_dir}",
-        f"model.dit_path={tiny_zoo.dit_dir}",
-        "model.build_tiny_zoo=false",
+    result = train_cli(
         f"data.shards_dir={shards}",
         "data.tiny_world=null",
-        "data.num_workers=0",
-        "data.batch_size=2",
         "trainer.max_steps=2",
         "trainer.checkpoint_every_n_steps=2",
         "trainer.log_every_n_steps=1",
-        "sampling.num_steps=2",
         f"hydra.run.dir={run_dir}",
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Generating tiny-world shards" not in result.stdout
     assert "train/loss: mean of first" in result.stdout

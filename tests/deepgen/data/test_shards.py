@@ -10,6 +10,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from deepgen.config import DataConfig
 from deepgen.data.shards import (
     BadDataError,
     DataHealth,
@@ -26,8 +27,8 @@ from deepgen.data.tiny_world import PALETTE, write_tiny_world_shards
 from deepgen.data.writer import json_bytes
 
 NUM_T2I, NUM_EDIT = 10, 7
-FINITE = ReadOptions(image_size=64, unit=32, seed=0, shuffle_buffer=8, resampled=False)
-INFINITE = ReadOptions(image_size=64, unit=32, seed=0, shuffle_buffer=8)
+INFINITE = ReadOptions.from_config(DataConfig(name="t", shards_dir="-", image_size=64, shuffle_buffer=8))
+FINITE = replace(INFINITE, resampled=False)
 
 
 @pytest.fixture(scope="module")
