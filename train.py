@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from deepgen.config import RunConfig
 from deepgen.model.tiny_zoo import build_tiny_zoo
 from stages import STAGES
-from stages.callbacks import LossSummary, SampleGridCallback
+from stages.callbacks import LossSummary, Preemption, SampleGridCallback, latest_checkpoint
 from stages.checkpoint_io import SafeCheckpointIO
 from stages.datamodule import DataProgress, DeepGenDataModule
 from stages.schema import register_schema
@@ -43,10 +43,27 @@ def ensure_tiny_zoo(run: RunConfig) -> None:
     build_tiny_zoo(root, log=log.info)
 
 
+def resolve_resume(run: RunConfig) -> str | None:
+    """`resume`: None, a checkpoint directory, or "auto" (the newest checkpoint of this stage, if any)."""
+    if run.resume is None:
+        return None
+    if run.resume == "auto":
+        found = latest_checkpoint(Path(run.output_dir) / run.stage.name)
+        log.info(
+            f"resume=auto: {'continuing from ' + str(found) if found else 'no checkpoint yet, starting fresh'}"
+        )
+        return str(found) if found else None
+    if not Path(run.resume).is_dir():
+        raise FileNotFoundError(f"resume={run.resume} is not a checkpoint directory (or use resume=auto)")
+    return run.resume
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     run: RunConfig = OmegaConf.to_object(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resume = resolve_resume(run)
+    cfg.resume = run.resume = resume  # the saved config names the checkpoint actually continued
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     if run.stage.name not in STAGES:
         raise ValueError(f"stage={run.stage.name} is not available; choose one of {sorted(STAGES)}")
@@ -56,21 +73,22 @@ def main(cfg: DictConfig) -> None:
     if run.model.build_tiny_zoo:
         ensure_tiny_zoo(run)
 
-    if run.trainer.resume_from and not Path(run.trainer.resume_from).is_dir():
-        raise FileNotFoundError(
-            f"trainer.resume_from={run.trainer.resume_from} is not a checkpoint directory"
-        )
     data = DeepGenDataModule(run.data, run.stage)
-    module = STAGES[run.stage.name](run.model, run.stage, run.trainer.max_steps, seed=run.seed)
+    init_from = None if resume else run.init_from  # a resumed run's checkpoint already holds its start
+    module = STAGES[run.stage.name](
+        run.model, run.stage, run.trainer.max_steps, seed=run.seed, init_from=init_from
+    )
     module.configure_model()
     log.info(f"Run folder: {run_dir}\nParameters:\n{module.describe_parameters()}")
+    if resume:
+        log.info(f"Resuming from {resume}")
 
     loggers = [instantiate(c, save_dir=str(run_dir)) for c in run.loggers.values()]
     loss_summary = LossSummary()
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
-            filename="step={step:06d}",
+            filename="step_{step:06d}",
             auto_insert_metric_name=False,
             every_n_train_steps=run.trainer.checkpoint_every_n_steps,
             monitor="step",
@@ -83,6 +101,7 @@ def main(cfg: DictConfig) -> None:
         ),
         loss_summary,
         DataProgress(data),
+        Preemption(run_dir / "checkpoints"),
     ]
     trainer = L.Trainer(
         accelerator=run.hardware.accelerator,
@@ -101,7 +120,7 @@ def main(cfg: DictConfig) -> None:
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, datamodule=data, ckpt_path=run.trainer.resume_from)
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
     log.info(f"Done. Samples: {run_dir / 'samples'}  Checkpoints: {run_dir / 'checkpoints'}")
 
 

@@ -180,9 +180,6 @@ class TrainerConfig:
     keep_last_checkpoints: int = 3
     sample_every_n_steps: int = 0
     """Log a sample grid every N steps (0: only at the end)."""
-    resume_from: str | None = None
-    """A checkpoint directory (``.../checkpoints/step=NNNNNN.ckpt``) to continue from: weights, optimiser,
-    schedule, step and the exact data position."""
 
 
 @dataclass
@@ -225,3 +222,10 @@ class RunConfig:
     """Lightning loggers by name, each with a ``_target_`` (see conf/logger/)."""
     seed: int = 0
     output_dir: str = "outputs"
+    """Runs go to <output_dir>/<stage>/<date>_<time>/."""
+    init_from: str | None = None
+    """A checkpoint directory of an earlier stage (align -> sft -> grpo) to start this stage's weights from."""
+    resume: str | None = None
+    """Continue an interrupted run: a checkpoint directory (``.../checkpoints/step_NNNNNN.ckpt``), or ``auto``
+    for the newest checkpoint of this stage under output_dir (starts fresh when there is none). Restores
+    weights, optimiser, schedule, step, random state and the exact data position."""

@@ -1,5 +1,6 @@
 """Lightning layer: the training stages and what they share."""
 
+from stages.align import AlignmentModule
 from stages.sft import JointSFTModule
 
-STAGES = {"sft": JointSFTModule}
+STAGES = {"align": AlignmentModule, "sft": JointSFTModule}

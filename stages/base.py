@@ -1,21 +1,27 @@
 """StageModule: the plumbing every training stage shares.
 
-Builds the backbone in ``configure_model``, decides in one place what trains (from the stage
-config), makes the AdamW groups and the warmup + cosine schedule, and keeps checkpoints down to
-the trainable weights.
+Builds the backbone in ``configure_model`` (optionally starting from an earlier stage's checkpoint),
+decides in one place what trains (from the stage config), computes the flow-matching loss of T2I and
+edit micro-batches, makes the AdamW groups and the warmup + cosine schedule, and keeps checkpoints
+down to the trainable weights plus the random state a bit-exact resume needs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import random
 
 import lightning as L
 import torch
 from torch import nn
 
 from deepgen.config import ModelConfig, StageConfig
+from deepgen.io.checkpoints import load_checkpoint_dir
 from deepgen.model.backbone import DeepGenBackbone
 from deepgen.model.lora import attach_vlm_lora
+
+log = logging.getLogger(__name__)
 
 
 def warmup_cosine(step: int, max_steps: int, warmup_ratio: float, min_ratio: float = 0.0) -> float:
@@ -38,14 +44,32 @@ def adamw_param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: floa
 
 
 class StageModule(L.LightningModule):
-    def __init__(self, model_cfg: ModelConfig, stage_cfg: StageConfig, max_steps: int) -> None:
+    """A stage trains the flow-matching loss on single-task T2I / edit micro-batches; stages differ in
+    what trains (``check_stage`` in each subclass) and in their settings (conf/stage/)."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        stage_cfg: StageConfig,
+        max_steps: int,
+        *,
+        seed: int = 0,
+        init_from: str | None = None,
+    ) -> None:
         super().__init__()
         self.model_cfg = model_cfg
         self.stage_cfg = stage_cfg
         self.max_steps = max_steps
+        self.init_from = init_from
         self.backbone: DeepGenBackbone | None = None
+        self._dropout_rng = random.Random(seed)
         # Checkpoints hold only the trainable weights; on_load_checkpoint checks the key set itself.
         self.strict_loading = False
+        if stage_cfg is not None:
+            self.check_stage(stage_cfg)
+
+    def check_stage(self, stage_cfg: StageConfig) -> None:
+        """Refuse settings that contradict what the stage is (overridden by each stage)."""
 
     # ---------------------------------------------------------------------- model and trainables
     def configure_model(self) -> None:
@@ -53,6 +77,35 @@ class StageModule(L.LightningModule):
             return
         self.backbone = DeepGenBackbone.from_pretrained_dirs(self.model_cfg)
         self.apply_trainable()
+        if self.init_from:
+            self.load_stage_weights(self.init_from)
+
+    def load_stage_weights(self, path: str) -> int:
+        """Start from another stage's checkpoint (align -> sft -> grpo): copy every weight it holds.
+
+        The checkpoint may hold fewer weights than this stage trains (sft trains the DiT that align
+        left frozen) but none that this model lacks or shapes that differ. Returns the tensor count.
+        """
+        weights = load_checkpoint_dir(path)["state_dict"]
+        own = dict(self.named_parameters())
+        unknown = sorted(set(weights) - set(own))
+        if unknown:
+            raise ValueError(
+                f"init_from={path} does not match this model: {len(unknown)} weights it does not have "
+                f"(e.g. {unknown[:3]}); was it trained with another model or LoRA setting?"
+            )
+        wrong = [k for k, v in weights.items() if v.shape != own[k].shape]
+        if wrong:
+            k = wrong[0]
+            raise ValueError(
+                f"init_from={path} does not match this model: {k} has shape {tuple(weights[k].shape)}, "
+                f"the model {tuple(own[k].shape)} ({len(wrong)} such weights); check model.bridge / think tokens"
+            )
+        with torch.no_grad():
+            for k, v in weights.items():
+                own[k].copy_(v)
+        log.info(f"Initialised {len(weights)} weights from {path}")
+        return len(weights)
 
     def apply_trainable(self) -> None:
         """The one place that decides what trains in a stage."""
@@ -112,10 +165,37 @@ class StageModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ------------------------------------------------------------------------------- training
+    def drop_captions(self, captions: list[str]) -> list[str]:
+        """T2I captions become "" with probability cfg_dropout, for classifier-free guidance."""
+        p = self.stage_cfg.cfg_dropout
+        return ["" if self._dropout_rng.random() < p else c for c in captions]
+
+    def task_loss(self, batch: dict) -> torch.Tensor:
+        """Flow-matching loss of one micro-batch; editing keeps its text and images (as the original)."""
+        bb = self.backbone
+        if batch["task"] == "t2i":
+            cond = bb.condition_t2i(self.drop_captions(batch["captions"]))
+            return bb.flow_loss(cond, batch["images"])
+        if batch["task"] == "edit":
+            cond = bb.condition_edit(batch["instructions"], batch["sources"])
+            return bb.flow_loss(cond, batch["targets"], bb.encode_references(batch["sources"]))
+        raise ValueError(f"Unknown task '{batch['task']}' in batch (expected 't2i' or 'edit')")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.task_loss(batch)
+        size = len(batch.get("captions") or batch.get("instructions"))
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log(f"train/loss_{batch['task']}", loss, batch_size=size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=size)
+        return loss
+
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = set(self.trainable_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # Random state, so a resumed run draws the same noise, timesteps, dropout and caption drops.
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "caption_dropout": self._dropout_rng.getstate()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved, expected = set(checkpoint["state_dict"]), set(self.trainable_names())
@@ -125,3 +205,6 @@ class StageModule(L.LightningModule):
                 f"Checkpoint does not match stage '{self.stage_cfg.name}': {len(expected - saved)} trainable "
                 f"weights missing (e.g. {missing}), {len(saved - expected)} unexpected (e.g. {extra})"
             )
+        if "rng" in checkpoint:
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            self._dropout_rng.setstate(checkpoint["rng"]["caption_dropout"])

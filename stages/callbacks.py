@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -61,7 +63,8 @@ class SampleGridCallback(L.Callback):
             self.write_grid(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.write_grid(trainer, pl_module)
+        if trainer.global_step >= trainer.max_steps:  # not when stopped early (pre-emption)
+            self.write_grid(trainer, pl_module)
 
     @torch.no_grad()
     def make_grid(self, pl_module) -> Image.Image:
@@ -139,3 +142,44 @@ class LossSummary(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.losses:
             log.info(self.summary())
+
+
+class Preemption(L.Callback):
+    """On SIGTERM or SIGUSR1 (SLURM pre-emption, `scancel --signal`), save a checkpoint and stop cleanly.
+
+    The handler only sets a flag; the checkpoint is written after the current batch, when weights,
+    optimiser and data position agree. Every rank stops at the same step (the flag is all-reduced).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, checkpoint_dir: str | Path) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.received: int | None = None
+        self.saved: Path | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread():  # signals can only be set there
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        self.saved = self.checkpoint_dir / f"step_{trainer.global_step:06d}.ckpt"
+        trainer.save_checkpoint(self.saved)
+        name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+        log.warning(f"Received {name}: saved {self.saved} and stopping; continue with resume=auto")
+        trainer.should_stop = True
+
+
+def latest_checkpoint(stage_dir: str | Path) -> Path | None:
+    """The highest-step complete checkpoint of the newest run under `stage_dir` (run folders sort by time)."""
+    for run in sorted((p for p in Path(stage_dir).glob("*") if p.is_dir()), reverse=True):
+        done = [c for c in (run / "checkpoints").glob("step_*.ckpt") if (c / "weights.safetensors").is_file()]
+        if done:
+            return max(done, key=lambda c: c.name)
+    return None

@@ -117,7 +117,15 @@ class DeepGenDataModule(L.LightningDataModule):
             resume=self.resume,
         )
         workers = self.data_cfg.num_workers
-        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+        # Its own generator: creating worker processes must not draw from the global RNG, which a
+        # resumed run restores and which must then match the uninterrupted run's.
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(self.data_cfg.seed),
+        )
 
     # -------------------------------------------------------------------------- data position
     def record(self, batch: dict) -> None:

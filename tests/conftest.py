@@ -36,11 +36,32 @@ def tiny_model_cfg(tiny_zoo) -> ModelConfig:
     )
 
 
+# Runs train.py with a signal sent to itself from inside training step `kill_at` (argv: kill_at signal args...).
+SIGNAL_AT_STEP = """
+import os, runpy, signal, sys
+import stages.base
+kill_at, sig = int(sys.argv[1]), getattr(signal, sys.argv[2])
+step = stages.base.StageModule.training_step
+def signalling_step(self, batch, batch_idx):
+    if self.global_step == kill_at:
+        os.kill(os.getpid(), sig)
+    return step(self, batch, batch_idx)
+stages.base.StageModule.training_step = signalling_step
+sys.argv = ["train.py", *sys.argv[3:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
 @pytest.fixture
 def train_cli(tiny_zoo):
-    """Run `python train.py` on the tiny zoo with small, fast settings; later overrides win."""
+    """Run `python train.py` on the tiny zoo with small, fast settings; later overrides win.
 
-    def run(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    With `signal_at=(step, "SIGKILL")` the process sends itself that signal during that training step.
+    """
+
+    def run(
+        *overrides: str, timeout: int = 600, signal_at: tuple[int, str] | None = None
+    ) -> subprocess.CompletedProcess:
         base = [
             "stage=sft",
             "logger=csv",
@@ -51,7 +72,8 @@ def train_cli(tiny_zoo):
             "data.batch_size=2",
             "sampling.num_steps=2",
         ]
-        cmd = [sys.executable, "train.py", *base, *overrides]
+        entry = ["-c", SIGNAL_AT_STEP, str(signal_at[0]), signal_at[1]] if signal_at else ["train.py"]
+        cmd = [sys.executable, *entry, *base, *overrides]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
     return run

@@ -30,7 +30,7 @@ def test_train_cli_runs_logs_samples_and_checkpoints(train_cli, tmp_path):
     assert "train/loss: mean of first" in result.stdout
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "samples" / "step_000003.png").is_file()
-    assert (run_dir / "checkpoints" / "step=000003.ckpt" / "weights.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "step_000003.ckpt" / "weights.safetensors").is_file()
     with open(next((run_dir / "csv").rglob("metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
     assert any(r.get("train/loss") for r in rows)

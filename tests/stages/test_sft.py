@@ -52,7 +52,9 @@ def test_sft_trains_bridge_dit_and_language_model_lora_only(tiny_model_cfg):
 
 
 def test_caption_dropout_rate():
-    module = JointSFTModule(None, StageConfig(name="sft", cfg_dropout=0.1), max_steps=1, seed=0)
+    module = JointSFTModule(
+        None, StageConfig(name="sft", train_dit=True, cfg_dropout=0.1), max_steps=1, seed=0
+    )
     dropped = sum(c == "" for c in module.drop_captions(["x"] * 5000))
     assert 400 < dropped < 600
 

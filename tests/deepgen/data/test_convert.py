@@ -496,4 +496,4 @@ def test_train_cli_runs_on_converted_shards(train_cli, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Generating tiny-world shards" not in result.stdout
     assert "train/loss: mean of first" in result.stdout
-    assert (run_dir / "checkpoints" / "step=000002.ckpt" / "weights.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "step_000002.ckpt" / "weights.safetensors").is_file()
