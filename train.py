@@ -24,6 +24,7 @@ from stages import STAGES
 from stages.callbacks import LossSummary, Preemption, SampleGridCallback, latest_checkpoint
 from stages.checkpoint_io import SafeCheckpointIO
 from stages.datamodule import DataProgress, DeepGenDataModule
+from stages.parallel import cluster_plugins, make_strategy
 from stages.schema import register_schema
 
 register_schema()
@@ -108,7 +109,7 @@ def main(cfg: DictConfig) -> None:
         devices=run.hardware.devices,
         num_nodes=run.hardware.num_nodes,
         precision=run.hardware.precision,
-        strategy=run.hardware.strategy,
+        strategy=make_strategy(run.hardware),
         max_steps=run.trainer.max_steps,
         gradient_clip_val=run.trainer.grad_clip,
         accumulate_grad_batches=run.trainer.accumulate_grad_batches,
@@ -116,7 +117,7 @@ def main(cfg: DictConfig) -> None:
         default_root_dir=run_dir,
         logger=loggers or False,
         callbacks=callbacks,
-        plugins=[SafeCheckpointIO()],
+        plugins=[SafeCheckpointIO(), *cluster_plugins(run.hardware)],
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )

@@ -204,8 +204,25 @@ class HardwareConfig:
     num_nodes: int = 1
     precision: str = "32-true"
     strategy: str = "auto"
+    """A Lightning strategy name ("auto", "ddp", ...) or "fsdp2": parameters, gradients and AdamW
+    state sharded over all processes (stages/parallel.py); bf16 sharding when precision is bf16-mixed."""
     torch_threads: int = 0
     """CPU threads for torch (0: leave torch's default)."""
+    activation_checkpointing: bool = False
+    """fsdp2: recompute VLM decoder layers, connector layers and DiT blocks in backward (less activation
+    memory, about a third more compute)."""
+    reshard_after_forward: bool = True
+    """fsdp2: free gathered block weights after forward and gather them again in backward (False:
+    more memory, less communication)."""
+    process_group_backend: str | None = None
+    """torch.distributed backend (None: nccl on GPU, gloo on CPU)."""
+    cluster: str = "auto"
+    """auto: Lightning detects how processes were started (its own launcher, torchrun, SLURM);
+    slurm: Lightning's SLURMEnvironment with the two settings below."""
+    slurm_auto_requeue: bool = False
+    """Lightning's own SLURM requeue. It saves a checkpoint inside the signal handler, mid-step, which
+    can deadlock fsdp2: leave it off (the Preemption callback saves after the step)."""
+    slurm_requeue_signal: str = "SIGUSR1"
 
 
 @dataclass

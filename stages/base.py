@@ -20,6 +20,7 @@ from deepgen.config import ModelConfig, StageConfig
 from deepgen.io.checkpoints import load_checkpoint_dir
 from deepgen.model.backbone import DeepGenBackbone
 from deepgen.model.lora import attach_vlm_lora
+from stages.parallel import shard_for_strategy
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,13 @@ class StageModule(L.LightningModule):
 
     # ---------------------------------------------------------------------- model and trainables
     def configure_model(self) -> None:
-        if self.backbone is not None:
-            return
-        self.backbone = DeepGenBackbone.from_pretrained_dirs(self.model_cfg)
-        self.apply_trainable()
-        if self.init_from:
-            self.load_stage_weights(self.init_from)
+        if self.backbone is None:
+            self.backbone = DeepGenBackbone.from_pretrained_dirs(self.model_cfg)
+            self.apply_trainable()
+            if self.init_from:
+                self.load_stage_weights(self.init_from)
+        if self.device_mesh is not None:  # hardware.strategy=fsdp2: shard once, after the trainable flags
+            shard_for_strategy(self.backbone, self.trainer.strategy)
 
     def load_stage_weights(self, path: str) -> int:
         """Start from another stage's checkpoint (align -> sft -> grpo): copy every weight it holds.

@@ -14,6 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from deepgen.config import SamplingConfig
+from stages.parallel import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +107,16 @@ class SampleGridCallback(L.Callback):
         return tile_rows(rows)
 
     def write_grid(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or not (self.cfg.prompts or self.edits):
+        # A sharded model's forward is collective: every rank samples, rank 0 writes.
+        sharded = is_sharded(pl_module.backbone)
+        if not (trainer.is_global_zero or sharded) or not (self.cfg.prompts or self.edits):
             return
         was_training = pl_module.training
         pl_module.eval()
         grid = self.make_grid(pl_module)
         pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.last_path = self.out_dir / f"step_{trainer.global_step:06d}.png"
         grid.save(self.last_path)
