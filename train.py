@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+import wandb
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from deepgen.config import RunConfig
 from deepgen.model.tiny_zoo import build_tiny_zoo
 from stages import STAGES
-from stages.callbacks import LossSummary, Preemption, SampleGridCallback, latest_checkpoint
+from stages.callbacks import LossSummary, Preemption, SampleGridCallback, latest_checkpoint, run_checkpoint
 from stages.checkpoint_io import SafeCheckpointIO
 from stages.datamodule import DataProgress, DeepGenDataModule
 from stages.parallel import cluster_plugins, make_strategy
@@ -44,8 +45,16 @@ def ensure_tiny_zoo(run: RunConfig) -> None:
     build_tiny_zoo(root, log=log.info)
 
 
-def resolve_resume(run: RunConfig) -> str | None:
-    """`resume`: None, a checkpoint directory, or "auto" (the newest checkpoint of this stage, if any)."""
+def resolve_resume(run: RunConfig, run_dir: Path) -> str | None:
+    """`resume`: None, a checkpoint directory, or "auto" (the newest checkpoint of this stage, if any).
+
+    A run folder that already holds checkpoints (a requeued SLURM job, a relaunched sweep job) always
+    continues from its own newest one.
+    """
+    own = run_checkpoint(run_dir)
+    if own is not None:
+        log.info(f"{run_dir} already has checkpoints: continuing from {own}")
+        return str(own)
     if run.resume is None:
         return None
     if run.resume == "auto":
@@ -63,7 +72,7 @@ def resolve_resume(run: RunConfig) -> str | None:
 def main(cfg: DictConfig) -> None:
     run: RunConfig = OmegaConf.to_object(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    resume = resolve_resume(run)
+    resume = resolve_resume(run, run_dir)
     cfg.resume = run.resume = resume  # the saved config names the checkpoint actually continued
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     if run.stage.name not in STAGES:
@@ -121,7 +130,10 @@ def main(cfg: DictConfig) -> None:
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=data, ckpt_path=resume)
+    wandb.finish()  # end this job's W&B run: the next job of a local --multirun starts its own
     log.info(f"Done. Samples: {run_dir / 'samples'}  Checkpoints: {run_dir / 'checkpoints'}")
 
 

@@ -181,10 +181,20 @@ class Preemption(L.Callback):
         trainer.should_stop = True
 
 
+def run_checkpoint(run_dir: str | Path) -> Path | None:
+    """The highest-step complete checkpoint in one run folder, or None."""
+    done = [
+        c
+        for c in (Path(run_dir) / "checkpoints").glob("step_*.ckpt")
+        if (c / "weights.safetensors").is_file()
+    ]
+    return max(done, key=lambda c: c.name) if done else None
+
+
 def latest_checkpoint(stage_dir: str | Path) -> Path | None:
     """The highest-step complete checkpoint of the newest run under `stage_dir` (run folders sort by time)."""
     for run in sorted((p for p in Path(stage_dir).glob("*") if p.is_dir()), reverse=True):
-        done = [c for c in (run / "checkpoints").glob("step_*.ckpt") if (c / "weights.safetensors").is_file()]
-        if done:
-            return max(done, key=lambda c: c.name)
+        found = run_checkpoint(run)
+        if found:
+            return found
     return None
