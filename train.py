@@ -85,8 +85,16 @@ def main(cfg: DictConfig) -> None:
 
     data = DeepGenDataModule(run.data, run.stage)
     init_from = None if resume else run.init_from  # a resumed run's checkpoint already holds its start
+    extra = {}
+    if run.stage.name == "grpo":  # rollouts need the image size; manual optimisation clips itself
+        extra = dict(
+            image_size=run.data.image_size,
+            size_unit=run.data.size_unit,
+            grad_clip=run.trainer.grad_clip,
+            out_dir=run_dir,
+        )
     module = STAGES[run.stage.name](
-        run.model, run.stage, run.trainer.max_steps, seed=run.seed, init_from=init_from
+        run.model, run.stage, run.trainer.max_steps, seed=run.seed, init_from=init_from, **extra
     )
     module.configure_model()
     log.info(f"Run folder: {run_dir}\nParameters:\n{module.describe_parameters()}")
@@ -120,7 +128,7 @@ def main(cfg: DictConfig) -> None:
         precision=run.hardware.precision,
         strategy=make_strategy(run.hardware),
         max_steps=run.trainer.max_steps,
-        gradient_clip_val=run.trainer.grad_clip,
+        gradient_clip_val=run.trainer.grad_clip if module.automatic_optimization else None,
         accumulate_grad_batches=run.trainer.accumulate_grad_batches,
         log_every_n_steps=run.trainer.log_every_n_steps,
         default_root_dir=run_dir,

@@ -150,6 +150,75 @@ class OptimConfig:
 
 
 @dataclass
+class PromptSetConfig:
+    """One RL prompt set: where its prompts are, how often it is drawn, which rewards score it."""
+
+    name: str = MISSING
+    path: str = MISSING
+    """A .txt (one prompt per line), .jsonl or .parquet file (``prompt`` or ``caption`` column; other
+    fields are the sample's metadata, e.g. a tiny-world ``spec``), or a directory/glob of webdataset
+    shards whose json records are read (images are skipped)."""
+    category: str | None = None
+    """Keep only records of this category (general, reasoning, text_rendering)."""
+    weight: float = 1.0
+    """Relative probability of drawing a prompt from this set (original: text rendering 3, others 1)."""
+    rewards: dict[str, float] = field(default_factory=dict)
+    """Reward name -> weight in this set's advantage (original text rendering: judge 0.2, clip 0.1, ocr 0.7)."""
+
+
+@dataclass
+class GRPOConfig:
+    """MR-GRPO: SDE rollouts, PPO-clipped policy loss on a random subset of steps, velocity KL to a
+    frozen copy of the DiT, per-reward group-normalised advantages, auxiliary SFT loss (original values)."""
+
+    prompts_per_step: int = 4
+    """Prompts per rank per optimiser step; each gets group_size images (original: 32 prompts over 8 GPUs)."""
+    group_size: int = 8
+    """Images per prompt sharing one initial noise (original rollout_n: 8)."""
+    rollout_batch_size: int = 32
+    """Images per rollout / update forward pass (original micro-batch: 32)."""
+    same_noise: bool = True
+    """All images of a group start from the same noise (original: True)."""
+    num_steps: int = 50
+    """SDE denoising steps per rollout (original: 50)."""
+    sde: str = "cps"
+    """cps (original default), flow_grpo or dance (deepgen/diffusion/sde.py)."""
+    eta: float = 1.0
+    """SDE noise level (original: 1.0)."""
+    train_fraction: float = 0.6
+    """int(num_steps * train_fraction) of the first num_steps - 1 steps are trained, drawn anew each
+    optimiser step (original: 0.6, i.e. 30 of 49)."""
+    cfg_scale: float = 0.0
+    """Guidance in rollouts and updates; <= 1 uses the conditional branch only (original: 0)."""
+    clip_range: float = 1e-4
+    """PPO ratio clip (original: 1e-4)."""
+    kl_beta: float = 5e-7
+    """Weight of the velocity-space KL to the frozen reference DiT (original: 5e-7)."""
+    adv_clip: float = 5.0
+    """Advantages are clipped to +-adv_clip (original: 5)."""
+    sft_aux_coef: float = 1e-4
+    """lambda in (1 - lambda) GRPO + lambda SFT, the SFT loss on data.* batches (original: 1e-4)."""
+    warmup_steps: int = 20
+    """Linear warmup, then constant lr (original: 20)."""
+    prompt_sets: list[PromptSetConfig] = field(default_factory=list)
+    rewards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Reward name -> constructor options (deepgen/rewards/); each reward used by a prompt set is built."""
+    reward_workers: int = 0
+    """Processes that compute rewards while the next rollout runs (0: in the training process)."""
+    reward_retries: int = 2
+    """Retries of a failed reward call before its samples are marked invalid."""
+    eval_prompt_sets: list[PromptSetConfig] = field(default_factory=list)
+    """Held-out prompt sets scored with ODE sampling and CFG at the start and end of the run."""
+    eval_cfg_scale: float = 4.0
+    """Guidance of held-out evaluation (original: 4.0)."""
+    eval_num_steps: int = 50
+    eval_every_n_steps: int = 0
+    """Also evaluate every N steps (0: only at the start and the end)."""
+    log_images_every_n_steps: int = 10
+    """Rollout grid (prompts, images, per-reward scores) to the run folder and W&B every N steps."""
+
+
+@dataclass
 class StageConfig:
     """One training stage: what trains, on which tasks, with which optimiser."""
 
@@ -166,6 +235,8 @@ class StageConfig:
     cfg_dropout: float = 0.1
     """Probability of an empty T2I caption, for classifier-free guidance (original: 0.1, T2I only)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    grpo: GRPOConfig | None = None
+    """Set for stage grpo only."""
 
 
 @dataclass

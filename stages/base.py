@@ -79,8 +79,12 @@ class StageModule(L.LightningModule):
             self.apply_trainable()
             if self.init_from:
                 self.load_stage_weights(self.init_from)
+            self.on_weights_ready()
         if self.device_mesh is not None:  # hardware.strategy=fsdp2: shard once, after the trainable flags
             shard_for_strategy(self.backbone, self.trainer.strategy)
+
+    def on_weights_ready(self) -> None:
+        """Hook after the starting weights are in place and before sharding (grpo copies its reference)."""
 
     def load_stage_weights(self, path: str) -> int:
         """Start from another stage's checkpoint (align -> sft -> grpo): copy every weight it holds.
@@ -132,6 +136,10 @@ class StageModule(L.LightningModule):
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
+    def checkpoint_names(self) -> list[str]:
+        """The weights a checkpoint holds: the trainable ones (grpo adds its frozen reference DiT)."""
+        return self.trainable_names()
+
     def describe_parameters(self) -> str:
         """One line per part with total and trainable parameter counts (printed at start)."""
         bb = self.backbone
@@ -161,11 +169,13 @@ class StageModule(L.LightningModule):
             eps=opt_cfg.eps,
         )
 
-        def multiplier(step: int) -> float:
-            return warmup_cosine(step, self.max_steps, opt_cfg.warmup_ratio, opt_cfg.min_lr_ratio)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_multiplier(self, step: int) -> float:
+        """Linear warmup then cosine (align, sft); the RL stage keeps the lr constant after warmup."""
+        opt_cfg = self.stage_cfg.optim
+        return warmup_cosine(step, self.max_steps, opt_cfg.warmup_ratio, opt_cfg.min_lr_ratio)
 
     # ------------------------------------------------------------------------------- training
     def drop_captions(self, captions: list[str]) -> list[str]:
@@ -194,13 +204,14 @@ class StageModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = set(self.trainable_names())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        kept = set(self.checkpoint_names())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
+        checkpoint["init_from"] = self.init_from
         # Random state, so a resumed run draws the same noise, timesteps, dropout and caption drops.
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "caption_dropout": self._dropout_rng.getstate()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved, expected = set(checkpoint["state_dict"]), set(self.trainable_names())
+        saved, expected = set(checkpoint["state_dict"]), set(self.checkpoint_names())
         if saved != expected:
             missing, extra = sorted(expected - saved)[:3], sorted(saved - expected)[:3]
             raise ValueError(

@@ -25,14 +25,15 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 
 def tile_rows(rows: list[list[np.ndarray]], pad: int = 2) -> Image.Image:
-    """Lay out rows of equally sized HxWx3 images on a white sheet."""
-    h, w = rows[0][0].shape[:2]
+    """Lay out rows of HxWx3 images on a white sheet, each in a cell of the largest image's size."""
+    h = max(img.shape[0] for row in rows for img in row)
+    w = max(img.shape[1] for row in rows for img in row)
     cols = max(len(r) for r in rows)
     sheet = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
-            sheet[y : y + h, x : x + w] = img
+            sheet[y : y + img.shape[0], x : x + img.shape[1]] = img
     return Image.fromarray(sheet)
 
 

@@ -187,11 +187,12 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     # ----------------------------------------------------------------------------- saving
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """Full trainable weights on rank 0 (empty elsewhere); frozen weights are never gathered."""
+        """The checkpointed weights (the trainable ones), full, on rank 0; frozen ones are never gathered."""
         state = {}
+        kept = set(self.lightning_module.checkpoint_names())
         with torch.no_grad():
             for name, param in self.lightning_module.named_parameters():
-                if not param.requires_grad:
+                if name not in kept:
                     continue
                 full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
                 if self.is_global_zero:

@@ -174,6 +174,11 @@ class DeepGenBackbone(nn.Module):
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self._vae_shift
         return self.vae.decode(z).sample.clamp(-1, 1)
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(channels, h, w) of the latents of a ``height`` x ``width`` image."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.dit.config.in_channels, height // factor, width // factor
+
     @property
     def _vae_shift(self) -> float:
         return self.vae.config.shift_factor or 0.0
@@ -183,10 +188,17 @@ class DeepGenBackbone(nn.Module):
 
     # ------------------------------------------------------------------------------ diffusion
     def velocity(
-        self, x_t: Tensor, sigma: Tensor, cond: Conditioning, ref_latents: list[list[Tensor]] | None = None
+        self,
+        x_t: Tensor,
+        sigma: Tensor,
+        cond: Conditioning,
+        ref_latents: list[list[Tensor]] | None = None,
+        dit: nn.Module | None = None,
     ) -> Tensor:
-        """The DiT's velocity prediction for the target latents ``x_t`` at noise level ``sigma`` ``[B]``."""
-        return self.dit(
+        """The DiT's velocity prediction for the target latents ``x_t`` at noise level ``sigma`` ``[B]``.
+
+        ``dit`` replaces the backbone's own DiT (the RL stage's frozen reference copy)."""
+        return (dit or self.dit)(
             hidden_states=x_t,
             encoder_hidden_states=cond.seq,
             pooled_projections=cond.pooled,
@@ -226,9 +238,7 @@ class DeepGenBackbone(nn.Module):
     ) -> Tensor:
         """Euler ODE sampling with CFG; returns pixels ``[B, 3, height, width]`` in [-1, 1]."""
         batch = cond.pooled.shape[0]
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        shape = (batch, self.dit.config.in_channels, height // factor, width // factor)
-        x = torch.randn(shape, generator=generator, device=self.device)
+        x = torch.randn((batch, *self.latent_shape(height, width)), generator=generator, device=self.device)
         both = cond.cat(uncond)
         refs = ref_latents + ref_latents if ref_latents is not None else None
 
