@@ -31,6 +31,8 @@ from stages.schema import register_schema
 register_schema()
 # The VAE stays in eval mode on purpose (it is frozen and only encodes); Lightning would warn about it.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# stage grpo steps its optimiser itself; checkpoints come after the whole step, so they agree with it.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 log = logging.getLogger("deepgen.train")
 
 
@@ -102,7 +104,6 @@ def main(cfg: DictConfig) -> None:
         log.info(f"Resuming from {resume}")
 
     loggers = [instantiate(c, save_dir=str(run_dir)) for c in run.loggers.values()]
-    loss_summary = LossSummary()
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -117,10 +118,11 @@ def main(cfg: DictConfig) -> None:
         SampleGridCallback(
             run.sampling, run.data.image_size, run_dir / "samples", run.trainer.sample_every_n_steps
         ),
-        loss_summary,
         DataProgress(data),
         Preemption(run_dir / "checkpoints"),
     ]
+    if module.automatic_optimization:  # grpo logs its held-out reward summary itself
+        callbacks.append(LossSummary())
     trainer = L.Trainer(
         accelerator=run.hardware.accelerator,
         devices=run.hardware.devices,

@@ -63,6 +63,9 @@ class StageModule(L.LightningModule):
         self.max_steps = max_steps
         self.init_from = init_from
         self.backbone: DeepGenBackbone | None = None
+        self.carried: set[str] = set()
+        """Frozen weights that came from init_from (grpo's bridge and LoRA): checkpoints carry them, so a
+        checkpoint is complete on its own and a resumed run needs no init_from."""
         self._dropout_rng = random.Random(seed)
         # Checkpoints hold only the trainable weights; on_load_checkpoint checks the key set itself.
         self.strict_loading = False
@@ -110,6 +113,7 @@ class StageModule(L.LightningModule):
         with torch.no_grad():
             for k, v in weights.items():
                 own[k].copy_(v)
+        self.carried = set(weights) - set(self.required_names())
         log.info(f"Initialised {len(weights)} weights from {path}")
         return len(weights)
 
@@ -136,9 +140,13 @@ class StageModule(L.LightningModule):
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
-    def checkpoint_names(self) -> list[str]:
-        """The weights a checkpoint holds: the trainable ones (grpo adds its frozen reference DiT)."""
+    def required_names(self) -> list[str]:
+        """Weights every checkpoint of this stage holds: the trainable ones (grpo adds its reference DiT)."""
         return self.trainable_names()
+
+    def checkpoint_names(self) -> list[str]:
+        """The weights a checkpoint holds: the required ones and those carried from init_from."""
+        return sorted(set(self.required_names()) | self.carried)
 
     def describe_parameters(self) -> str:
         """One line per part with total and trainable parameter counts (printed at start)."""
@@ -211,13 +219,15 @@ class StageModule(L.LightningModule):
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "caption_dropout": self._dropout_rng.getstate()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved, expected = set(checkpoint["state_dict"]), set(self.checkpoint_names())
-        if saved != expected:
-            missing, extra = sorted(expected - saved)[:3], sorted(saved - expected)[:3]
+        saved, required = set(checkpoint["state_dict"]), set(self.required_names())
+        missing, unknown = required - saved, saved - {n for n, _ in self.named_parameters()}
+        if missing or unknown:
             raise ValueError(
-                f"Checkpoint does not match stage '{self.stage_cfg.name}': {len(expected - saved)} trainable "
-                f"weights missing (e.g. {missing}), {len(saved - expected)} unexpected (e.g. {extra})"
+                f"Checkpoint does not match stage '{self.stage_cfg.name}': {len(missing)} weights it must hold "
+                f"are missing (e.g. {sorted(missing)[:3]}), {len(unknown)} are not in this model "
+                f"(e.g. {sorted(unknown)[:3]})"
             )
+        self.carried = saved - required
         if "rng" in checkpoint:
             torch.set_rng_state(checkpoint["rng"]["torch"])
             self._dropout_rng.setstate(checkpoint["rng"]["caption_dropout"])

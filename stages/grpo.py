@@ -134,7 +134,7 @@ class MRGRPOModule(StageModule):
         resumed run keeps the same reference)."""
         self.reference_dit = copy.deepcopy(self.backbone.dit).requires_grad_(False).eval()
 
-    def checkpoint_names(self) -> list[str]:
+    def required_names(self) -> list[str]:
         reference = [n for n, _ in self.named_parameters() if n.startswith("reference_dit.")]
         return self.trainable_names() + reference
 

@@ -1,4 +1,4 @@
-"""Session fixtures: one tiny model zoo (barely fitted VAE: tests need layouts and shapes, not quality)."""
+"""Session fixtures: one tiny model zoo (barely fitted VAE and VLM: tests need layouts and shapes, not quality)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_zoo(tmp_path_factory):
     from deepgen.model.tiny_zoo import build_tiny_zoo
 
-    return build_tiny_zoo(tmp_path_factory.mktemp("zoo"), vae_fit_steps=1, log=lambda *a, **k: None)
+    return build_tiny_zoo(
+        tmp_path_factory.mktemp("zoo"), vae_fit_steps=1, vlm_pretrain_steps=1, log=lambda *a, **k: None
+    )
 
 
 @pytest.fixture

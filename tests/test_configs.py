@@ -63,3 +63,25 @@ def test_mixture_config_is_typed():
     ]
     with pytest.raises(ConfigCompositionException, match="wieght"):
         compose_train("data=mixture", "data.datasets.0.wieght=2")
+
+
+def test_grpo_stage_has_the_original_settings_and_the_tiny_recipe():
+    real = OmegaConf.to_object(
+        compose_train("stage=grpo", "model=deepgen_5b", "model.vlm_path=/v", "model.dit_path=/d")
+    )
+    g = real.stage.grpo
+    assert (g.group_size, g.num_steps, g.train_fraction, g.clip_range, g.kl_beta) == (8, 50, 0.6, 1e-4, 5e-7)
+    assert (g.sft_aux_coef, g.adv_clip, g.cfg_scale, g.eval_cfg_scale, g.warmup_steps) == (
+        1e-4,
+        5.0,
+        0.0,
+        4.0,
+        20,
+    )
+    assert real.stage.optim.lr == 2e-6 and tuple(real.stage.optim.betas) == (0.9, 0.999)
+    assert (real.stage.train_dit, real.stage.train_bridge, real.stage.edit_per_cycle) == (True, False, 0)
+    weights = {s.name: s.weight for s in g.prompt_sets}
+    assert weights == {"general": 1.0, "reasoning": 1.0, "text_rendering": 3.0}  # text rendering 3x
+    assert g.prompt_sets[0].path == real.data.shards_dir
+    tiny = OmegaConf.to_object(compose_train("stage=grpo")).stage
+    assert (tiny.optim.lr, tiny.grpo.num_steps) == (3e-4, 20)  # conf/recipe/tiny_grpo.yaml

@@ -223,6 +223,10 @@ def score_t2i(image: np.ndarray, spec: dict, caption: str | None = None) -> dict
     ``relation`` for two objects of different kinds whose layout is unambiguous (every caption of such a
     scene states it). With a caption, also ``object{i}_size`` where it names the size and
     ``object{i}_region`` where it names the region. Signs: see score_sign.
+
+    ``score`` is the fraction of checks passed times ``n_spec / max(n_spec, n_detected)``: each extra
+    object costs in proportion, so covering the canvas with shapes of every colour (which an RL policy
+    finds quickly when extras cost only the one ``no_extra`` check) does not pay.
     """
     if "sign" in spec:
         return score_sign(image, spec)
@@ -245,7 +249,9 @@ def score_t2i(image: np.ndarray, spec: dict, caption: str | None = None) -> dict
     if len(objects) == 2 and len(kinds) == 2 and (rel := relation(spec, *objects)):
         a, b = matched
         checks["relation"] = a is not None and b is not None and _relation_holds(spec, rel, a, b)
-    return _result(checks, detections=len(dets))
+    result = _result(checks, detections=len(dets))
+    result["score"] *= len(objects) / max(len(objects), len(dets), 1)
+    return result
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from deepgen.config import GRPOConfig, LoraConfig, PromptSetConfig, StageConfig
 from deepgen.data.tiny_world import draw_sample_meta
-from deepgen.io.checkpoints import load_checkpoint_dir
+from deepgen.io.checkpoints import load_checkpoint_dir, save_checkpoint_dir
 from deepgen.rewards.base import REWARDS, RewardResult, register_reward
 from deepgen.rewards.runner import RetryPolicy, RewardSet
 from stages.checkpoint_io import SafeCheckpointIO
@@ -188,3 +188,48 @@ def test_fit_logs_evaluates_and_checkpoints_the_reference(tiny_model_cfg, tmp_pa
     assert any(k.startswith("reference_dit.") for k in saved)
     frozen = ("backbone.vlm.", "backbone.bridge.")  # LoRA and bridge stay as the SFT checkpoint left them
     assert not any(k.startswith(frozen) for k in saved)
+
+
+def test_resume_continues_exactly(tiny_model_cfg, tmp_path):
+    """Prompts, rollout noise and trained steps come from (seed, step), and checkpoints carry the frozen
+    weights init_from brought: a run resumed without init_from matches the uninterrupted one."""
+    stage = grpo_stage(tmp_path, {"test_brightness": 1.0}, eval_prompt_sets=[], log_images_every_n_steps=0)
+    torch.manual_seed(7)
+    sft = MRGRPOModule(tiny_model_cfg, stage, max_steps=3)
+    sft.configure_model()
+    sft_weights = ("backbone.think_tokens", "backbone.bridge.", "lora_")  # what an SFT checkpoint adds
+    frozen = {
+        n: p.detach()
+        for n, p in sft.named_parameters()
+        if n.startswith(sft_weights[:2]) or sft_weights[2] in n
+    }
+    save_checkpoint_dir({"state_dict": frozen}, tmp_path / "sft.ckpt")
+
+    def fit(steps: int, init_from=None, ckpt=None, save=None) -> MRGRPOModule:
+        module = MRGRPOModule(tiny_model_cfg, stage, max_steps=3, image_size=64, init_from=init_from)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            plugins=[SafeCheckpointIO()],
+            default_root_dir=tmp_path,
+        )
+        # its own generator, as the data module's: creating the iterator must not draw from the global RNG
+        loader = DataLoader(aux_batches(3), batch_size=None, generator=torch.Generator())
+        trainer.fit(module, loader, ckpt_path=ckpt)
+        if save is not None:
+            trainer.save_checkpoint(save)
+        return module
+
+    torch.manual_seed(0)
+    straight = fit(3, init_from=str(tmp_path / "sft.ckpt"))
+    torch.manual_seed(0)
+    fit(2, init_from=str(tmp_path / "sft.ckpt"), save=tmp_path / "half.ckpt")
+    assert set(frozen) <= set(load_checkpoint_dir(tmp_path / "half.ckpt")["state_dict"])
+    torch.manual_seed(123)  # other random init: the checkpoint must restore weights and random state
+    resumed = fit(3, ckpt=tmp_path / "half.ckpt")
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        if not name.startswith("backbone.vae."):
+            assert torch.allclose(a, b, atol=1e-6), name

@@ -242,3 +242,23 @@ def test_label_regions_matches_flood_fill():
         for p in region:
             seen[p] = True
     assert (labels[classes == 0] == -1).all()
+
+
+def test_extra_objects_cost_in_proportion():
+    """Covering the canvas with shapes of every colour must not pay (an RL policy found that)."""
+    single = next(m for m in eval_samples("t2i", "reasoning") if len(m["spec"]["objects"]) == 1)
+    spec = single["spec"]
+    obj = spec["objects"][0]
+    corners = [(10, 10), (54, 10), (10, 54), (54, 54)]
+    extras = [
+        {"shape": "circle", "color": c, "size": "small", "center": list(xy), "radius": 6}
+        for c, xy in zip([c for c in COLORS if c != obj["color"]], corners, strict=False)
+        if abs(xy[0] - obj["center"][0]) > obj["radius"] + 10
+        or abs(xy[1] - obj["center"][1]) > obj["radius"] + 10
+    ]
+    crowded = {**spec, "objects": [obj, *extras]}
+    exact = score_t2i(render(spec), spec, single["caption"])
+    result = score_t2i(render(crowded), spec, single["caption"])
+    assert exact["score"] == 1.0 and result["detections"] == 1 + len(extras) >= 3
+    passed = np.mean(list(result["checks"].values()))
+    assert result["score"] == pytest.approx(passed / (1 + len(extras)))

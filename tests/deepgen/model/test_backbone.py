@@ -51,8 +51,9 @@ def test_conditioning_shapes_and_padding_invariance(backbone):
     alone = backbone.condition_t2i(["a red circle"])
     both = backbone.condition_t2i(["a red circle", "a large blue square to the left of a green triangle"])
     n = alone.seq.shape[1]
-    torch.testing.assert_close(both.seq[0, -n:], alone.seq[0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(both.pooled[0], alone.pooled[0], atol=1e-5, rtol=1e-4)
+    # float32 rounding only (N(0, 1) heads amplify it); attention to padding would differ by O(1)
+    torch.testing.assert_close(both.seq[0, -n:], alone.seq[0], atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(both.pooled[0], alone.pooled[0], atol=2e-4, rtol=1e-3)
     assert not both.mask[0, 0] and both.mask[0, -n:].all()
 
 

@@ -26,7 +26,7 @@ FAST_STEPS = 3
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo") / "tiny"
-    return build_tiny_zoo(root, vae_fit_steps=FAST_STEPS, log=lambda _: None)
+    return build_tiny_zoo(root, vae_fit_steps=FAST_STEPS, vlm_pretrain_steps=FAST_STEPS, log=lambda _: None)
 
 
 def test_layout(zoo):
@@ -58,6 +58,8 @@ def test_layout(zoo):
     assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"]
     assert index["text_encoder"] == [None, None]
     assert zoo.manifest["vae"]["fit_steps"] == FAST_STEPS
+    # Quick test builds shorten the LM pretraining of the VLM as well.
+    assert zoo.manifest["vlm"]["pretrain_steps"] == FAST_STEPS
     assert not list(root.parent.glob(".tiny.*")), "temporary build directories were left behind"
 
 
@@ -177,26 +179,28 @@ def test_diffusion_parts_load(zoo):
 
 def test_cached_second_call_does_not_rebuild(zoo):
     messages: list[str] = []
-    again = tiny_zoo.build_tiny_zoo(zoo.vlm_dir.parent, vae_fit_steps=FAST_STEPS, log=messages.append)
+    again = tiny_zoo.build_tiny_zoo(
+        zoo.vlm_dir.parent, vae_fit_steps=FAST_STEPS, vlm_pretrain_steps=FAST_STEPS, log=messages.append
+    )
     assert messages == []
     assert again == zoo
 
 
 def test_force_and_changed_settings_rebuild(tmp_path):
     root = tmp_path / "tiny"
-    first = build_tiny_zoo(root, vae_fit_steps=1, log=lambda _: None)
+    first = build_tiny_zoo(root, vae_fit_steps=1, vlm_pretrain_steps=1, log=lambda _: None)
     stamp = (root / "manifest.json").stat().st_mtime_ns
     weights = (root / "qwen2_5_vl/model.safetensors").read_bytes()
 
     messages: list[str] = []
-    forced = build_tiny_zoo(root, vae_fit_steps=1, force=True, log=messages.append)
+    forced = build_tiny_zoo(root, vae_fit_steps=1, vlm_pretrain_steps=1, force=True, log=messages.append)
     assert any("Building tiny model zoo" in m for m in messages)
     assert (root / "manifest.json").stat().st_mtime_ns != stamp
     # Deterministic: the same settings give the same weights.
     assert forced.manifest["vae"]["shift_factor"] == first.manifest["vae"]["shift_factor"]
     assert (root / "qwen2_5_vl/model.safetensors").read_bytes() == weights
 
-    changed = build_tiny_zoo(root, vae_fit_steps=2, log=lambda _: None)
+    changed = build_tiny_zoo(root, vae_fit_steps=2, vlm_pretrain_steps=1, log=lambda _: None)
     assert changed.manifest["settings_hash"] != first.manifest["settings_hash"]
     assert changed.manifest["vae"]["fit_steps"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
@@ -210,7 +214,7 @@ def test_interrupted_build_never_looks_complete(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tiny_zoo, "build_vae", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        build_tiny_zoo(root, vae_fit_steps=1, log=lambda _: None)
+        build_tiny_zoo(root, vae_fit_steps=1, vlm_pretrain_steps=1, log=lambda _: None)
     assert not (root / "manifest.json").exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -218,7 +222,7 @@ def test_interrupted_build_never_looks_complete(tmp_path, monkeypatch):
 def test_refuses_to_replace_a_foreign_directory(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        build_tiny_zoo(tmp_path, vae_fit_steps=1, log=lambda _: None)
+        build_tiny_zoo(tmp_path, vae_fit_steps=1, vlm_pretrain_steps=1, log=lambda _: None)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -231,3 +235,41 @@ def test_short_fit_lowers_reconstruction_error():
     after = tiny_zoo.evaluate_vae(vae, heldout)["heldout_mse"]
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:5]) / 5
     assert after < 0.5 * before
+
+
+def test_vlm_pretrain_steps_are_part_of_the_settings(zoo):
+    assert zoo.manifest["settings"]["vlm_pretrain_steps"] == FAST_STEPS
+    hashes = {tiny_zoo.settings_hash(tiny_zoo.builder_settings(1, n)) for n in (0, 1, 2)}
+    assert len(hashes) == 3
+    default = tiny_zoo.builder_settings(tiny_zoo.DEFAULT_VAE_FIT_STEPS)
+    assert default["vlm_pretrain_steps"] == tiny_zoo.DEFAULT_VLM_PRETRAIN_STEPS
+
+
+def test_vlm_pretrain_chats():
+    from deepgen.data.tiny_world import holdout_split
+
+    chats = tiny_zoo.vlm_pretrain_chats(60)
+    assert chats == tiny_zoo.vlm_pretrain_chats(60)
+    for chat in chats:
+        assert chat.startswith("<|im_start|>user\nGenerate an image: ")
+        assert "<|im_end|>\n<|im_start|>assistant\nThe image shows " in chat
+        assert chat.endswith(".<|im_end|>\n")
+    answers = [c.split("The image shows ")[1][: -len(".<|im_end|>\n")] for c in chats]
+    assert len(set(answers)) > 20
+    # Held-out prompts are never part of the corpus (for general and sign prompts the answer is the key).
+    for chat, answer in zip(chats, answers, strict=True):
+        if "colour of" not in chat and "shaped like" not in chat:
+            assert holdout_split(answer) == "train"
+
+
+def test_short_pretraining_lowers_lm_loss(zoo):
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(zoo.vlm_dir)
+    tok = AutoTokenizer.from_pretrained(zoo.vlm_dir)
+    visual = {k: v.clone() for k, v in model.model.visual.state_dict().items()}
+    losses = tiny_zoo.pretrain_vlm(model, tok, 30)
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert not model.training
+    # The vision tower is not part of the LM pretraining.
+    assert all(torch.equal(v, model.model.visual.state_dict()[k]) for k, v in visual.items())
+    assert tiny_zoo.pretrain_vlm(model, tok, 0) == []
