@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from deepgen.config import ModelConfig, StageConfig
-from deepgen.io.checkpoints import load_checkpoint_dir
+from deepgen.io.checkpoints import copy_weights, load_checkpoint_dir
 from deepgen.model.backbone import DeepGenBackbone
 from deepgen.model.lora import attach_vlm_lora
 from stages.parallel import shard_for_strategy
@@ -96,23 +96,8 @@ class StageModule(L.LightningModule):
         left frozen) but none that this model lacks or shapes that differ. Returns the tensor count.
         """
         weights = load_checkpoint_dir(path)["state_dict"]
-        own = dict(self.named_parameters())
-        unknown = sorted(set(weights) - set(own))
-        if unknown:
-            raise ValueError(
-                f"init_from={path} does not match this model: {len(unknown)} weights it does not have "
-                f"(e.g. {unknown[:3]}); was it trained with another model or LoRA setting?"
-            )
-        wrong = [k for k, v in weights.items() if v.shape != own[k].shape]
-        if wrong:
-            k = wrong[0]
-            raise ValueError(
-                f"init_from={path} does not match this model: {k} has shape {tuple(weights[k].shape)}, "
-                f"the model {tuple(own[k].shape)} ({len(wrong)} such weights); check model.bridge / think tokens"
-            )
-        with torch.no_grad():
-            for k, v in weights.items():
-                own[k].copy_(v)
+        hint = "was it trained with another model, bridge, think-token or LoRA setting?"
+        copy_weights(weights, dict(self.named_parameters()), f"init_from={path}", hint)
         self.carried = set(weights) - set(self.required_names())
         log.info(f"Initialised {len(weights)} weights from {path}")
         return len(weights)

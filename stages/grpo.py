@@ -32,13 +32,13 @@ from deepgen.config import GRPOConfig, ModelConfig, StageConfig
 from deepgen.diffusion.sampling import guided_velocity
 from deepgen.diffusion.schedule import inference_sigmas
 from deepgen.diffusion.sde import sde_rollout, sde_step, velocity_kl
+from deepgen.images import tile_rows, to_uint8
 from deepgen.model.backbone import Conditioning
 from deepgen.rewards.base import RewardResult
 from deepgen.rewards.runner import RetryPolicy, RewardHandle, RewardSet
 from deepgen.rl.advantages import combine, global_normalise, group_normalise
 from deepgen.rl.prompts import Prompt, PromptSampler, load_prompt_set
 from stages.base import StageModule
-from stages.callbacks import tile_rows, to_uint8
 
 log = logging.getLogger(__name__)
 

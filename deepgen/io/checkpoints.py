@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 WEIGHTS, STATE = "weights.safetensors", "state.pt"
 
@@ -48,3 +49,27 @@ def load_checkpoint_dir(path: str | Path, map_location: str | torch.device = "cp
     checkpoint = torch.load(path / STATE, map_location=map_location, weights_only=True)
     checkpoint["state_dict"] = load_file(path / WEIGHTS, device=str(map_location))
     return checkpoint
+
+
+def copy_weights(weights: dict[str, Tensor], params: dict[str, Tensor], what: str, hint: str) -> None:
+    """Copy ``weights`` into the model's ``params`` by name, all or nothing.
+
+    Refuses, naming a weight, when the checkpoint (``what``, e.g. "init_from=...") holds a weight the
+    model lacks or one of another shape; ``hint`` says which settings to check.
+    """
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise ValueError(
+            f"{what} does not match this model: {len(unknown)} weights it does not have "
+            f"(e.g. {unknown[:3]}); {hint}"
+        )
+    wrong = [k for k, v in weights.items() if v.shape != params[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(
+            f"{what} does not match this model: {k} has shape {tuple(weights[k].shape)}, the model "
+            f"{tuple(params[k].shape)} ({len(wrong)} such weights); {hint}"
+        )
+    with torch.no_grad():
+        for k, v in weights.items():
+            params[k].copy_(v)

@@ -1,0 +1,145 @@
+"""generate.py and deepgen/inference.py on the tiny zoo: a run folder with an untrained SFT checkpoint,
+sampled with 2 steps (tests need files, metadata and determinism, not image quality)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from deepgen.config import BridgeConfig, LoraConfig, ModelConfig, StageConfig
+from deepgen.data.resolution import fix_pixels_size
+from deepgen.inference import EDIT_NEGATIVE_PROMPT, load_model
+from deepgen.io.checkpoints import save_checkpoint_dir
+from stages.sft import JointSFTModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_run(run_dir: Path, model_cfg: ModelConfig, lora: LoraConfig, state_dict: dict) -> Path:
+    """Mirror a training run folder: config.yaml and checkpoints/step_000001.ckpt."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "stage": {"name": "sft", "lora": dataclasses.asdict(lora)},
+        "model": dataclasses.asdict(model_cfg),
+    }
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+    ckpt = run_dir / "checkpoints" / "step_000001.ckpt"
+    save_checkpoint_dir({"state_dict": state_dict, "global_step": 1}, ckpt)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_zoo, tmp_path_factory) -> tuple[Path, dict, JointSFTModule]:
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(
+        name="tiny",
+        vlm_path=str(tiny_zoo.vlm_dir),
+        dit_path=str(tiny_zoo.dit_dir),
+        num_think_tokens=4,
+        bridge=BridgeConfig(num_layers=1, num_heads=4, intermediate_size=64),
+    )
+    lora = LoraConfig(rank=4, alpha=8)
+    module = JointSFTModule(model_cfg, StageConfig(name="sft", train_dit=True, lora=lora), max_steps=1)
+    module.configure_model()
+    kept = set(module.checkpoint_names())
+    state = {n: p.detach().clone() for n, p in module.named_parameters() if n in kept}
+    # What a grpo checkpoint adds: its frozen reference DiT, which inference must skip.
+    state["reference_dit.pos_embed.proj.bias"] = torch.zeros(1)
+    run_dir = tmp_path_factory.mktemp("outputs") / "sft" / "2026-01-01_00-00-00"
+    return write_run(run_dir, model_cfg, lora, state), state, module
+
+
+def generate(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "generate.py", "--steps", "2", "--size", "64", "--device", "cpu", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_t2i_writes_pngs_with_settings_and_is_deterministic(sft_run, tmp_path):
+    ckpt, state, _ = sft_run
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        args = ["--checkpoint", str(ckpt), "--prompt", "a red circle", "--prompt", "a blue square"]
+        result = generate(*args, "--batch", "2", "--seed", "7", "--grid", "--out", str(out))
+        assert result.returncode == 0, result.stderr
+    assert f"Loaded {len(state) - 1} weights" in result.stdout
+    assert "1 reference_dit weights ignored" in result.stdout
+    files = sorted(p.name for p in outs[0].glob("*.png"))
+    assert files == [
+        "0000_a-red-circle_00.png",
+        "0000_a-red-circle_01.png",
+        "0001_a-blue-square_00.png",
+        "0001_a-blue-square_01.png",
+        "grid.png",
+    ]
+    with Image.open(outs[0] / "0001_a-blue-square_01.png") as img:
+        assert img.size == (64, 64)
+        meta = dict(img.text)
+    assert meta["prompt"] == "a blue square"
+    assert meta["negative_prompt"] == ""
+    assert (meta["seed"], meta["index"], meta["steps"], meta["cfg_scale"]) == ("8", "1", "2", "4.0")
+    assert meta["size"] == "64x64"
+    assert meta["checkpoint"] == str(ckpt)
+    for name in files:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_edit_with_source_image(sft_run, tmp_path):
+    ckpt, _, _ = sft_run
+    source = tmp_path / "source.png"
+    Image.new("RGB", (96, 48), (200, 30, 30)).save(source)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "make it blue"}) + "\n" + json.dumps({"caption": "remove it"}) + "\n"
+    )
+    out = tmp_path / "out"
+    result = generate(
+        "--checkpoint", str(ckpt.parent.parent), "--prompt-file", str(prompts), "--image", str(source),
+        "--grid", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with Image.open(out / "0001_remove-it_00.png") as img:
+        assert img.size == fix_pixels_size(96, 48, 64)  # the source's aspect ratio, as the original demo
+        assert img.text["negative_prompt"] == EDIT_NEGATIVE_PROMPT
+        assert img.text["prompt"] == "remove it"
+    with Image.open(out / "grid.png") as grid:  # two rows of (source, output)
+        width, height = fix_pixels_size(96, 48, 64)
+        assert grid.size == (2 * (width + 2) + 2, 2 * (height + 2) + 2)
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path):
+    missing = tmp_path / "nowhere" / "step_000001.ckpt"
+    result = generate("--checkpoint", str(missing), "--prompt", "a red circle")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert str(missing) in result.stderr
+
+
+def test_load_model_copies_weights_and_rejects_another_lora_rank(sft_run, tmp_path):
+    ckpt, state, module = sft_run
+    loaded = load_model(ckpt, device="cpu")
+    assert loaded.num_loaded == len(state) - 1 and loaded.num_ignored == 1
+    assert not loaded.backbone.training
+    # The rebuilt model conditions exactly as the trained one (VLM + LoRA + think tokens + bridge).
+    trained = module.backbone.eval()
+    with torch.no_grad():
+        expected = trained.condition_t2i(["a red circle"])
+        got = loaded.backbone.condition_t2i(["a red circle"])
+    assert torch.equal(got.seq, expected.seq) and torch.equal(got.pooled, expected.pooled)
+
+    other = tmp_path / "outputs" / "sft" / "other"
+    shutil.copytree(ckpt.parent.parent, other)
+    config = OmegaConf.load(other / "config.yaml")
+    config.stage.lora.rank = 8
+    OmegaConf.save(config, other / "config.yaml")
+    with pytest.raises(ValueError, match=r"lora_A.*has shape \(4, .*stage.lora.rank"):
+        load_model(other, device="cpu")
