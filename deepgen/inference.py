@@ -179,7 +179,12 @@ def load_reference_image(path: str | Path, size: int, unit: int = SIZE_UNIT) -> 
     if not path.is_file():
         raise FileNotFoundError(f"Source image {path} does not exist")
     with Image.open(path) as img:
-        rgb = img.convert("RGB")
+        return image_to_reference(img, size, unit)
+
+
+def image_to_reference(image: Image.Image, size: int, unit: int = SIZE_UNIT) -> Tensor:
+    """A PIL image -> ``[3, H, W]`` in [-1, 1] at its fix-pixels size."""
+    rgb = image.convert("RGB")
     width, height = fix_pixels_size(*rgb.size, size, unit)
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
