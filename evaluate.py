@@ -13,8 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from deepgen.cli import DTYPES, add_checkpoint_arguments, positive_int
 from deepgen.eval.benchmark import (
     CATEGORIES,
     EvalSettings,
@@ -26,21 +25,10 @@ from deepgen.eval.benchmark import (
 from deepgen.inference import load_model
 from deepgen.model.loading import ModelLayoutError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--checkpoint", required=True, help="a step_NNNNNN.ckpt directory, or a run folder (newest)"
-    )
+    add_checkpoint_arguments(p)
     p.add_argument(
         "--eval-dir", default="data/shards/tiny_world/eval", help="folder of <task>_<category>.jsonl"
     )
@@ -52,8 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=positive_int, default=64, help="fix-pixels target side (tiny world: 64)")
     p.add_argument("--batch", type=positive_int, default=8, help="prompts sampled together")
     p.add_argument("--categories", nargs="+", choices=list(CATEGORIES), default=list(CATEGORIES))
-    p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

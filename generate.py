@@ -15,10 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from PIL import Image
 from tqdm import tqdm
 
+from deepgen.cli import DTYPES, add_checkpoint_arguments, positive_int
 from deepgen.images import tile_rows, to_uint8
 from deepgen.inference import (
     default_negative_prompt,
@@ -32,21 +32,10 @@ from deepgen.inference import (
 )
 from deepgen.model.loading import ModelLayoutError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--checkpoint", required=True, help="a step_NNNNNN.ckpt directory, or a run folder (newest)"
-    )
+    add_checkpoint_arguments(p)
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt or edit instruction (repeatable)")
     prompts.add_argument("--prompt-file", help=".txt (one prompt a line) or .jsonl (prompt/caption field)")
@@ -67,8 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--grid", action="store_true", help="also write grid.png: one row per prompt")
     p.add_argument("--out", default="generated", help="output folder")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     return p.parse_args(argv)
 
 

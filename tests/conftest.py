@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from deepgen.config import BridgeConfig, ModelConfig
+from deepgen.config import BridgeConfig, LoraConfig, ModelConfig, StageConfig
+from deepgen.io.checkpoints import save_checkpoint_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -79,3 +82,40 @@ def train_cli(tiny_zoo):
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+def write_run(run_dir: Path, model_cfg: ModelConfig, lora: LoraConfig, state_dict: dict) -> Path:
+    """Mirror a training run folder: config.yaml and checkpoints/step_000001.ckpt."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "stage": {"name": "sft", "lora": dataclasses.asdict(lora)},
+        "model": dataclasses.asdict(model_cfg),
+    }
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+    ckpt = run_dir / "checkpoints" / "step_000001.ckpt"
+    save_checkpoint_dir({"state_dict": state_dict, "global_step": 1}, ckpt)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def tiny_sft_run(tiny_zoo, tmp_path_factory):
+    """An untrained SFT checkpoint (LoRA rank 4) in a folder laid out like a training run, with one
+    reference_dit weight as a grpo checkpoint has (inference skips it). Returns (ckpt, state, module)."""
+    from stages.sft import JointSFTModule
+
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(
+        name="tiny",
+        vlm_path=str(tiny_zoo.vlm_dir),
+        dit_path=str(tiny_zoo.dit_dir),
+        num_think_tokens=4,
+        bridge=BridgeConfig(num_layers=1, num_heads=4, intermediate_size=64),
+    )
+    lora = LoraConfig(rank=4, alpha=8)
+    module = JointSFTModule(model_cfg, StageConfig(name="sft", train_dit=True, lora=lora), max_steps=1)
+    module.configure_model()
+    kept = set(module.checkpoint_names())
+    state = {n: p.detach().clone() for n, p in module.named_parameters() if n in kept}
+    state["reference_dit.pos_embed.proj.bias"] = torch.zeros(1)
+    run_dir = tmp_path_factory.mktemp("outputs") / "sft" / "2026-01-01_00-00-00"
+    return write_run(run_dir, model_cfg, lora, state), state, module

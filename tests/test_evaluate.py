@@ -13,12 +13,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from deepgen.config import LoraConfig, StageConfig
 from deepgen.data.tiny_world import EVAL_DIR, draw_sample_meta, render_scene, sample_key
 from deepgen.eval import benchmark
 from deepgen.eval.benchmark import CATEGORIES, EvalSettings, evaluate_backbone
-from stages.sft import JointSFTModule
-from tests.test_generate import write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_SPLIT = 2
@@ -45,25 +42,8 @@ def eval_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_zoo, tmp_path_factory) -> Path:
-    from deepgen.config import BridgeConfig, ModelConfig
-
-    torch.manual_seed(0)
-    model_cfg = ModelConfig(
-        name="tiny",
-        vlm_path=str(tiny_zoo.vlm_dir),
-        dit_path=str(tiny_zoo.dit_dir),
-        num_think_tokens=4,
-        bridge=BridgeConfig(num_layers=1, num_heads=4, intermediate_size=64),
-    )
-    lora = LoraConfig(rank=4, alpha=8)
-    module = JointSFTModule(model_cfg, StageConfig(name="sft", train_dit=True, lora=lora), max_steps=1)
-    module.configure_model()
-    kept = set(module.checkpoint_names())
-    state = {n: p.detach().clone() for n, p in module.named_parameters() if n in kept}
-    run = tmp_path_factory.mktemp("outputs") / "sft" / "2026-01-01_00-00-00"
-    write_run(run, model_cfg, lora, state)
-    return run
+def run_dir(tiny_sft_run) -> Path:
+    return tiny_sft_run[0].parents[1]
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@ sampled with 2 steps (tests need files, metadata and determinism, not image qual
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -15,47 +14,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from deepgen.config import BridgeConfig, LoraConfig, ModelConfig, StageConfig
 from deepgen.data.resolution import fix_pixels_size
 from deepgen.inference import EDIT_NEGATIVE_PROMPT, load_model
-from deepgen.io.checkpoints import save_checkpoint_dir
-from stages.sft import JointSFTModule
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_run(run_dir: Path, model_cfg: ModelConfig, lora: LoraConfig, state_dict: dict) -> Path:
-    """Mirror a training run folder: config.yaml and checkpoints/step_000001.ckpt."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "stage": {"name": "sft", "lora": dataclasses.asdict(lora)},
-        "model": dataclasses.asdict(model_cfg),
-    }
-    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
-    ckpt = run_dir / "checkpoints" / "step_000001.ckpt"
-    save_checkpoint_dir({"state_dict": state_dict, "global_step": 1}, ckpt)
-    return ckpt
-
-
-@pytest.fixture(scope="module")
-def sft_run(tiny_zoo, tmp_path_factory) -> tuple[Path, dict, JointSFTModule]:
-    torch.manual_seed(0)
-    model_cfg = ModelConfig(
-        name="tiny",
-        vlm_path=str(tiny_zoo.vlm_dir),
-        dit_path=str(tiny_zoo.dit_dir),
-        num_think_tokens=4,
-        bridge=BridgeConfig(num_layers=1, num_heads=4, intermediate_size=64),
-    )
-    lora = LoraConfig(rank=4, alpha=8)
-    module = JointSFTModule(model_cfg, StageConfig(name="sft", train_dit=True, lora=lora), max_steps=1)
-    module.configure_model()
-    kept = set(module.checkpoint_names())
-    state = {n: p.detach().clone() for n, p in module.named_parameters() if n in kept}
-    # What a grpo checkpoint adds: its frozen reference DiT, which inference must skip.
-    state["reference_dit.pos_embed.proj.bias"] = torch.zeros(1)
-    run_dir = tmp_path_factory.mktemp("outputs") / "sft" / "2026-01-01_00-00-00"
-    return write_run(run_dir, model_cfg, lora, state), state, module
 
 
 def generate(*args: str) -> subprocess.CompletedProcess:
@@ -63,8 +25,8 @@ def generate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_t2i_writes_pngs_with_settings_and_is_deterministic(sft_run, tmp_path):
-    ckpt, state, _ = sft_run
+def test_t2i_writes_pngs_with_settings_and_is_deterministic(tiny_sft_run, tmp_path):
+    ckpt, state, _ = tiny_sft_run
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
         args = ["--checkpoint", str(ckpt), "--prompt", "a red circle", "--prompt", "a blue square"]
@@ -92,8 +54,8 @@ def test_t2i_writes_pngs_with_settings_and_is_deterministic(sft_run, tmp_path):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
 
-def test_edit_with_source_image(sft_run, tmp_path):
-    ckpt, _, _ = sft_run
+def test_edit_with_source_image(tiny_sft_run, tmp_path):
+    ckpt, _, _ = tiny_sft_run
     source = tmp_path / "source.png"
     Image.new("RGB", (96, 48), (200, 30, 30)).save(source)
     prompts = tmp_path / "prompts.jsonl"
@@ -124,8 +86,8 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     assert str(missing) in result.stderr
 
 
-def test_load_model_copies_weights_and_rejects_another_lora_rank(sft_run, tmp_path):
-    ckpt, state, module = sft_run
+def test_load_model_copies_weights_and_rejects_another_lora_rank(tiny_sft_run, tmp_path):
+    ckpt, state, module = tiny_sft_run
     loaded = load_model(ckpt, device="cpu")
     assert loaded.num_loaded == len(state) - 1 and loaded.num_ignored == 1
     assert not loaded.backbone.training
