@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: help setup train test test-all lint format clean
+.PHONY: help setup demo train test test-all lint format clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -18,6 +18,9 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 setup: $(BIN)/.installed  ## create .venv with the pinned dependencies
+
+demo: setup  ## align -> sft -> grpo -> benchmark on the tiny world, with a report (CPU, about 15 minutes)
+	$(BIN)/python demo.py $(ARGS)
 
 train: setup  ## joint SFT on the tiny world (builds tiny models and shards on first use)
 	$(BIN)/python train.py stage=sft $(ARGS)

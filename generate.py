@@ -1,8 +1,11 @@
-"""Generate or edit images with a trained stage checkpoint.
+"""Generate or edit images with a stage checkpoint, an exported folder or released DeepGen-1.0 weights.
 
     python generate.py --checkpoint outputs/sft/<run>/checkpoints/step_000600.ckpt \\
         --prompt "a red circle" --prompt "a blue square" --size 64 --batch 4 --grid
     python generate.py --checkpoint outputs/sft/<run> --image source.png --prompt "make it green"
+    python generate.py --checkpoint exports/sft --prompt "a red circle"
+    python generate.py --checkpoint DeepGen-1.0.pt --vlm-path Qwen2.5-VL-3B-Instruct \\
+        --dit-path stable-diffusion-3.5-medium --prompt "a red circle"
 
 Wiring only: the loading, sampling and file formats live in deepgen/inference.py. Defaults are the
 original's (50 Euler steps, CFG 4.0, empty negative prompt for T2I, a quality negative for edits).
@@ -18,13 +21,12 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from deepgen.cli import DTYPES, add_checkpoint_arguments, positive_int
+from deepgen.cli import add_checkpoint_arguments, load_model_from_args, positive_int
 from deepgen.images import tile_rows, to_uint8
 from deepgen.inference import (
     default_negative_prompt,
     generate_images,
     image_stem,
-    load_model,
     load_reference_image,
     output_size,
     png_info,
@@ -68,14 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     if negative is None:
         negative = default_negative_prompt(editing=bool(references))
 
-    loaded = load_model(args.checkpoint, device=args.device, dtype=DTYPES.get(args.dtype))
+    loaded = load_model_from_args(args)
     bb = loaded.backbone
-    print(
-        f"Loaded {loaded.num_loaded} weights from {loaded.checkpoint}"
-        + (f" ({loaded.num_ignored} reference_dit weights ignored)" if loaded.num_ignored else "")
-        + f"; the other {len(dict(bb.named_parameters())) - loaded.num_loaded} from the model directories"
-        f" ({loaded.model_cfg.vlm_path}, {loaded.model_cfg.dit_path}) on {bb.device}"
-    )
+    print(loaded.summary())
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,17 +16,25 @@ import torch
 import wandb
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from deepgen.config import RunConfig
 from deepgen.model.tiny_zoo import build_tiny_zoo
 from stages import STAGES
-from stages.callbacks import LossSummary, Preemption, SampleGridCallback, latest_checkpoint, run_checkpoint
+from stages.callbacks import (
+    LossSummary,
+    Preemption,
+    SampleGridCallback,
+    StepCheckpoint,
+    latest_checkpoint,
+    run_checkpoint,
+)
 from stages.checkpoint_io import SafeCheckpointIO
 from stages.datamodule import DataProgress, DeepGenDataModule
 from stages.parallel import cluster_plugins, make_strategy
 from stages.schema import register_schema
+from stages.validation import BenchmarkValidation
 
 register_schema()
 # The VAE stays in eval mode on purpose (it is frozen and only encodes); Lightning would warn about it.
@@ -105,7 +113,7 @@ def main(cfg: DictConfig) -> None:
 
     loggers = [instantiate(c, save_dir=str(run_dir)) for c in run.loggers.values()]
     callbacks = [
-        ModelCheckpoint(
+        StepCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="step_{step:06d}",
             auto_insert_metric_name=False,
@@ -121,6 +129,10 @@ def main(cfg: DictConfig) -> None:
         DataProgress(data),
         Preemption(run_dir / "checkpoints"),
     ]
+    validation = run.validation
+    # Off by default: each validation samples validation.limit images per category (96 by default).
+    if validation.every_n_steps or validation.at_start or validation.at_end:
+        callbacks.append(BenchmarkValidation(validation, run.data.image_size, run_dir / "validation"))
     if module.automatic_optimization:  # grpo logs its held-out reward summary itself
         callbacks.append(LossSummary())
     trainer = L.Trainer(

@@ -10,21 +10,11 @@ held-out ``eval/*`` values when the run logged them.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
+import sys
 from pathlib import Path
 
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
-    if not files:
-        raise SystemExit(f"{run_dir}: no csv/version_*/metrics.csv (was the run started with a csv logger?)")
-    with files[-1].open() as f:
-        return list(csv.DictReader(f))
-
-
-def series(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+from deepgen.eval.report import read_metrics, series
 
 
 def windows(points: list[tuple[int, float]], size: int) -> list[tuple[int, int, float]]:
@@ -42,7 +32,10 @@ def main() -> None:
     parser.add_argument("metrics", nargs="+")
     parser.add_argument("--window", type=int, default=10)
     args = parser.parse_args()
-    rows = read_metrics(args.run_dir)
+    try:
+        rows = read_metrics(args.run_dir)
+    except FileNotFoundError as e:
+        sys.exit(str(e))
     for key in args.metrics:
         points = series(rows, key)
         if not points:

@@ -267,6 +267,48 @@ class SamplingConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """The tiny-world benchmark (what evaluate.py runs) as validation during training (stages/validation.py).
+
+    Off by default: each run samples ``limit`` prompts of each of the six categories. Results go to
+    ``<run>/validation/step_NNNNNN/`` and to the loggers as ``val/<category>/<metric>`` and
+    ``val/overall/score|accuracy`` at the training step, so W&B and csv get curves.
+    """
+
+    every_n_steps: int = 0
+    """Run every N optimiser steps (0: never periodically)."""
+    at_start: bool = False
+    """Also run before the first step: the starting point of the curves."""
+    at_end: bool = False
+    """Also run when training reaches max_steps (not when it stops early, e.g. on pre-emption)."""
+    eval_dir: str = "${data.shards_dir}/eval"
+    """Folder of the held-out ``<task>_<category>.jsonl`` files (default: the ``eval/`` folder written with
+    the tiny-world shards)."""
+    categories: list[str] = field(
+        default_factory=lambda: [
+            "t2i_general",
+            "t2i_reasoning",
+            "t2i_text_rendering",
+            "edit_general",
+            "edit_reasoning",
+            "edit_text_rendering",
+        ]
+    )
+    """Benchmark categories (deepgen/eval/benchmark.py); ``overall`` is their mean."""
+    limit: int | None = 16
+    """Prompts per category (the first N; None: all, 64 per category in the tiny world)."""
+    num_steps: int = 20
+    """Euler steps per image (evaluate.py's default is 50; 20 keeps validation cheap)."""
+    cfg_scale: float = 4.0
+    seed: int = 0
+    """Sample i of a category uses seed + i at every validation: curves compare the same noise."""
+    batch_size: int = 8
+    """Prompts sampled together."""
+    log_images: bool = True
+    """Send one grid per category (``val/<category>/grid``) to loggers that take images (W&B)."""
+
+
+@dataclass
 class HardwareConfig:
     """Lightning accelerator settings."""
 
@@ -306,6 +348,7 @@ class RunConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     loggers: dict[str, Any] = field(default_factory=dict)
     """Lightning loggers by name, each with a ``_target_`` (see conf/logger/)."""
     seed: int = 0

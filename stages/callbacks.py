@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torch import Tensor
 
@@ -110,6 +111,19 @@ class SampleGridCallback(L.Callback):
                 logger.log_image(
                     "samples/grid", images=[np.asarray(grid)], caption=[caption], step=trainer.global_step
                 )
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint every N steps, plus the last step when a run reaches ``max_steps``.
+
+    A finished run always ends with its final weights, whatever N is, so the next stage's
+    ``init_from``, export and evaluation can use them. (A pre-empted run is saved by Preemption.)
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if trainer.global_step >= trainer.max_steps and not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class LossSummary(L.Callback):

@@ -119,3 +119,101 @@ def tiny_sft_run(tiny_zoo, tmp_path_factory):
     state["reference_dit.pos_embed.proj.bias"] = torch.zeros(1)
     run_dir = tmp_path_factory.mktemp("outputs") / "sft" / "2026-01-01_00-00-00"
     return write_run(run_dir, model_cfg, lora, state), state, module
+
+
+# ---- Released DeepGen-1.0 naming, shared by the import tests and generate.py's test of imported weights.
+
+# Our name -> the original's, written independently of the importer's table. The VLM part uses the older
+# transformers layout (``lmm.model.*`` text model, ``lmm.visual.*``) to exercise the key-drift handling.
+TO_ORIGINAL = (
+    ("think_tokens", "meta_queries"),
+    ("bridge.fuse.", "projector_1."),
+    ("bridge.pooled_head.", "projector_2."),
+    ("bridge.seq_head.", "projector_3."),
+    ("bridge.layers.", "connector.layers."),
+    ("dit.", "transformer."),
+    ("vlm.model.language_model.", "lmm.model."),
+    ("vlm.model.visual.", "lmm.visual."),
+    ("vlm.lm_head.", "lmm.lm_head."),
+)
+CAPTIONS = ["a red circle", "a large blue square to the left of a green triangle"]
+
+
+def to_original(state: dict, vlm: bool = True) -> dict:
+    """A backbone state dict renamed as the released DeepGen-1.0 files name it (never the VAE)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("vae.") or (not vlm and key.startswith("vlm.")):
+            continue  # the original never saves the VAE
+        for ours, theirs in TO_ORIGINAL:
+            if key == ours or (ours.endswith(".") and key.startswith(ours)):
+                out[theirs + key[len(ours) :]] = value.clone()
+                break
+        else:
+            raise AssertionError(f"test table has no entry for {key}")
+    return out
+
+
+def perturb(module, seed, prefixes=("",)):
+    """Random-perturb every float parameter (zero-initialised heads included) so equality is not trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith(prefixes) and p.is_floating_point() and not name.startswith("vae."):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return module
+
+
+def outputs(backbone):
+    """Bridge conditioning and DiT velocity on fixed inputs."""
+    with torch.no_grad():
+        cond = backbone.condition_t2i(CAPTIONS)
+        gen = torch.Generator().manual_seed(1)
+        x_t = torch.randn((2, *backbone.latent_shape(32, 32)), generator=gen)
+        v = backbone.velocity(x_t, torch.tensor([0.3, 0.8]), cond)
+    return cond.seq, cond.pooled, v
+
+
+def save_tiny_clip(path: Path) -> Path:
+    """A random 2-layer CLIP with a character-level CLIP tokenizer and the PIL image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": vocab["<|startoftext|>"],
+            "eos_token_id": vocab["<|endoftext|>"],
+            "pad_token_id": vocab["<|endoftext|>"],
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        path
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

@@ -3,19 +3,24 @@ sampled with 2 steps (tests need files, metadata and determinism, not image qual
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
 from deepgen.data.resolution import fix_pixels_size
-from deepgen.inference import EDIT_NEGATIVE_PROMPT, load_model
+from deepgen.images import to_uint8
+from deepgen.inference import EDIT_NEGATIVE_PROMPT, generate_images, load_model
+from deepgen.model.backbone import DeepGenBackbone
+from tests.conftest import perturb, to_original
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,3 +110,39 @@ def test_load_model_copies_weights_and_rejects_another_lora_rank(tiny_sft_run, t
     OmegaConf.save(config, other / "config.yaml")
     with pytest.raises(ValueError, match=r"lora_A.*has shape \(4, .*stage.lora.rank"):
         load_model(other, device="cpu")
+
+
+def test_generate_from_released_weights(tiny_model_cfg, tiny_zoo, tmp_path):
+    """A .pt in the released DeepGen-1.0 naming (bridge and DiT only, as the original saves) with the model
+    directories named on the command line: the import report is printed and the image is the source's."""
+    source = perturb(
+        DeepGenBackbone.from_pretrained_dirs(tiny_model_cfg),
+        seed=3,
+        prefixes=("bridge.", "dit.", "think_tokens"),
+    ).eval()
+    state = to_original(source.state_dict(), vlm=False)
+    torch.save(state, tmp_path / "DeepGen-1.0.pt")
+    sizes = {k: v for k, v in dataclasses.asdict(tiny_model_cfg).items() if k not in ("vlm_path", "dit_path")}
+    OmegaConf.save(OmegaConf.create(sizes), tmp_path / "model.yaml")
+    out = tmp_path / "out"
+    result = generate(
+        "--checkpoint", str(tmp_path / "DeepGen-1.0.pt"), "--vlm-path", str(tiny_zoo.vlm_dir),
+        "--dit-path", str(tiny_zoo.dit_dir), "--model-config", str(tmp_path / "model.yaml"),
+        "--prompt", "a red circle", "--seed", "3", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"DeepGen import: matched {len(state)}, missing" in result.stdout
+    assert "unexpected 0" in result.stdout and "missing by part" in result.stdout
+    expected = to_uint8(generate_images(source, "a red circle", width=64, height=64, num_steps=2, seed=3))[0]
+    with Image.open(out / "0000_a-red-circle_00.png") as img:
+        got = np.asarray(img).astype(int)
+    assert np.abs(got - expected.astype(int)).max() <= 1
+
+    # Without the sizes the weights were trained with, the error names the first key that does not fit.
+    with pytest.raises(
+        ValueError, match=r"meta_queries -> think_tokens: file \(4, 64\) vs model \(128, 64\)"
+    ) as err:
+        load_model(
+            tmp_path / "DeepGen-1.0.pt", vlm_path=str(tiny_zoo.vlm_dir), dit_path=str(tiny_zoo.dit_dir)
+        )
+    assert "--model-config" in str(err.value) and "\n" not in str(err.value)

@@ -21,7 +21,7 @@ def test_train_cli_runs_logs_samples_and_checkpoints(train_cli, tmp_path):
         "data.tiny_world.num_text_edit=3",
         "data.tiny_world.num_eval_per_split=2",
         "trainer.max_steps=3",
-        "trainer.checkpoint_every_n_steps=3",
+        "trainer.checkpoint_every_n_steps=2",
         "trainer.log_every_n_steps=1",
         f"hydra.run.dir={run_dir}",
     )
@@ -30,7 +30,9 @@ def test_train_cli_runs_logs_samples_and_checkpoints(train_cli, tmp_path):
     assert "train/loss: mean of first" in result.stdout
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "samples" / "step_000003.png").is_file()
-    assert (run_dir / "checkpoints" / "step_000003.ckpt" / "weights.safetensors").is_file()
+    # Every 2 steps, and the last step of a finished run whatever the interval.
+    for step in (2, 3):
+        assert (run_dir / "checkpoints" / f"step_{step:06d}.ckpt" / "weights.safetensors").is_file()
     with open(next((run_dir / "csv").rglob("metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
     assert any(r.get("train/loss") for r in rows)

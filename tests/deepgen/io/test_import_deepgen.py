@@ -8,60 +8,11 @@ from deepgen.config import LoraConfig
 from deepgen.io.import_deepgen import import_deepgen_state, load_released
 from deepgen.model.backbone import DeepGenBackbone
 from deepgen.model.lora import attach_vlm_lora
-
-CAPTIONS = ["a red circle", "a large blue square to the left of a green triangle"]
-
-# Our name -> the original's, written independently of the importer's table. The VLM part uses the older
-# transformers layout (``lmm.model.*`` text model, ``lmm.visual.*``) to exercise the key-drift handling.
-TO_ORIGINAL = (
-    ("think_tokens", "meta_queries"),
-    ("bridge.fuse.", "projector_1."),
-    ("bridge.pooled_head.", "projector_2."),
-    ("bridge.seq_head.", "projector_3."),
-    ("bridge.layers.", "connector.layers."),
-    ("dit.", "transformer."),
-    ("vlm.model.language_model.", "lmm.model."),
-    ("vlm.model.visual.", "lmm.visual."),
-    ("vlm.lm_head.", "lmm.lm_head."),
-)
-
-
-def to_original(state, vlm=True):
-    out = {}
-    for key, value in state.items():
-        if key.startswith("vae.") or (not vlm and key.startswith("vlm.")):
-            continue  # the original never saves the VAE
-        for ours, theirs in TO_ORIGINAL:
-            if key == ours or (ours.endswith(".") and key.startswith(ours)):
-                out[theirs + key[len(ours) :]] = value.clone()
-                break
-        else:
-            raise AssertionError(f"test table has no entry for {key}")
-    return out
+from tests.conftest import outputs, perturb, to_original
 
 
 class Opaque:
     """Not an allowed global for torch.load(weights_only=True)."""
-
-
-def perturb(module, seed, prefixes=("",)):
-    """Random-perturb every float parameter (zero-initialised heads included) so equality is not trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.startswith(prefixes) and p.is_floating_point() and not name.startswith("vae."):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return module
-
-
-def outputs(backbone):
-    """Bridge conditioning and DiT velocity on fixed inputs."""
-    with torch.no_grad():
-        cond = backbone.condition_t2i(CAPTIONS)
-        gen = torch.Generator().manual_seed(1)
-        x_t = torch.randn((2, *backbone.latent_shape(32, 32)), generator=gen)
-        v = backbone.velocity(x_t, torch.tensor([0.3, 0.8]), cond)
-    return cond.seq, cond.pooled, v
 
 
 def assert_same(a, b):
