@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -217,3 +218,40 @@ def save_tiny_clip(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+TINY_SHARDS = [
+    "data.tiny_world.num_t2i=24",
+    "data.tiny_world.num_edit=12",
+    "data.tiny_world.samples_per_shard=12",
+    "data.tiny_world.num_reasoning_t2i=6",
+    "data.tiny_world.num_text_t2i=6",
+    "data.tiny_world.num_reasoning_edit=3",
+    "data.tiny_world.num_text_edit=3",
+    "data.tiny_world.num_eval_per_split=2",
+]
+"""train.py overrides for tiny-world shards drawn in seconds (with data.shards_dir=<a temp folder>)."""
+EVAL_PER_SPLIT = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_eval_dir(tmp_path_factory) -> Path:
+    """Held-out JSONL files, EVAL_PER_SPLIT samples per category, as write_tiny_world_shards lays them out."""
+    from deepgen.data.tiny_world import EVAL_DIR, draw_sample_meta, sample_key
+    from deepgen.eval.benchmark import CATEGORIES
+
+    out = tmp_path_factory.mktemp("shards") / EVAL_DIR
+    out.mkdir()
+    for name in CATEGORIES:
+        task, category = name.split("_", 1)
+        lines = [
+            json.dumps(
+                {
+                    **draw_sample_meta(task, category, "eval", 0, i),
+                    "key": f"eval-{sample_key(task, category, i)}",
+                }
+            )
+            for i in range(EVAL_PER_SPLIT)
+        ]
+        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return out

@@ -17,6 +17,7 @@ from deepgen.eval.report import (
     read_metrics,
     reward_table,
 )
+from tests.conftest import TINY_SHARDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,13 +30,7 @@ def demo(out: Path, zoo, shards: Path, *extra: str) -> subprocess.CompletedProce
         f"data.shards_dir={shards}",
         "data.num_workers=0",
         "data.batch_size=2",
-        "data.tiny_world.num_t2i=16",
-        "data.tiny_world.num_edit=8",
-        "data.tiny_world.num_reasoning_t2i=8",
-        "data.tiny_world.num_text_t2i=8",
-        "data.tiny_world.num_reasoning_edit=4",
-        "data.tiny_world.num_text_edit=4",
-        "data.tiny_world.num_eval_per_split=2",
+        *TINY_SHARDS,
         "logger=csv",
         "sampling.num_steps=1",
         "trainer.checkpoint_every_n_steps=1",

@@ -13,32 +13,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from deepgen.data.tiny_world import EVAL_DIR, draw_sample_meta, render_scene, sample_key
+from deepgen.data.tiny_world import render_scene
 from deepgen.eval import benchmark
 from deepgen.eval.benchmark import CATEGORIES, EvalSettings, evaluate_backbone
+from tests.conftest import EVAL_PER_SPLIT
 
 ROOT = Path(__file__).resolve().parents[1]
-PER_SPLIT = 2
-
-
-@pytest.fixture(scope="module")
-def eval_dir(tmp_path_factory) -> Path:
-    """Held-out JSONL files, two samples per category, as write_tiny_world_shards lays them out."""
-    out = tmp_path_factory.mktemp("shards") / EVAL_DIR
-    out.mkdir()
-    for name in CATEGORIES:
-        task, category = name.split("_", 1)
-        lines = [
-            json.dumps(
-                {
-                    **draw_sample_meta(task, category, "eval", 0, i),
-                    "key": f"eval-{sample_key(task, category, i)}",
-                }
-            )
-            for i in range(PER_SPLIT)
-        ]
-        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +31,16 @@ def evaluate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_cli_writes_results_in_range_and_is_deterministic(run_dir, eval_dir, tmp_path):
+def test_cli_writes_results_in_range_and_is_deterministic(run_dir, tiny_eval_dir, tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        result = evaluate("--checkpoint", str(run_dir), "--eval-dir", str(eval_dir), "--out", str(out))
+        result = evaluate("--checkpoint", str(run_dir), "--eval-dir", str(tiny_eval_dir), "--out", str(out))
         assert result.returncode == 0, result.stderr
     assert "| category |" in result.stdout and "overall" in result.stdout
     results = json.loads((outs[0] / "results.json").read_text())
     assert set(results["categories"]) == set(CATEGORIES)
     for name, summary in results["categories"].items():
-        assert summary["n"] == PER_SPLIT
+        assert summary["n"] == EVAL_PER_SPLIT
         assert 0.0 <= summary["score"] <= 1.0 and 0.0 <= summary["accuracy"] <= 1.0, name
         assert (outs[0] / f"{name}.png").is_file()
     assert {"ocr", "sign_score"} <= set(results["categories"]["t2i_text_rendering"])
@@ -77,12 +57,12 @@ def test_missing_eval_dir_is_a_one_line_error(run_dir, tmp_path):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_ground_truth_images_score_one(eval_dir, tmp_path, monkeypatch):
+def test_ground_truth_images_score_one(tiny_eval_dir, tmp_path, monkeypatch):
     """With the generator replaced by the rendered targets, every category scores 1.0: the scoring path
     (sizes, specs, OCR, aggregation) is right, whatever the model."""
     targets: dict[tuple[str, int], dict] = {}
     for name in CATEGORIES:
-        for i, line in enumerate((eval_dir / f"{name}.jsonl").read_text().splitlines()):
+        for i, line in enumerate((tiny_eval_dir / f"{name}.jsonl").read_text().splitlines()):
             sample = json.loads(line)
             prompt = sample.get("caption") or sample["instruction"]
             targets[(prompt, i)] = sample.get("spec") or sample["target_spec"]
@@ -95,7 +75,9 @@ def test_ground_truth_images_score_one(eval_dir, tmp_path, monkeypatch):
         return torch.stack(images)
 
     monkeypatch.setattr(benchmark, "generate_batch", ground_truth)
-    results = evaluate_backbone(None, eval_dir, EvalSettings(seed=0, batch_size=1), tmp_path, progress=False)
+    results = evaluate_backbone(
+        None, tiny_eval_dir, EvalSettings(seed=0, batch_size=1), tmp_path, progress=False
+    )
     for name, summary in results["categories"].items():
         assert summary["score"] == pytest.approx(1.0), (name, results["samples"][name])
         assert summary["accuracy"] == 1.0, name

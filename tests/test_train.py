@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import TINY_SHARDS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -12,14 +14,7 @@ def test_train_cli_runs_logs_samples_and_checkpoints(train_cli, tmp_path):
     run_dir = tmp_path / "run"
     result = train_cli(
         f"data.shards_dir={tmp_path / 'shards'}",
-        "data.tiny_world.num_t2i=24",
-        "data.tiny_world.num_edit=12",
-        "data.tiny_world.samples_per_shard=12",
-        "data.tiny_world.num_reasoning_t2i=6",
-        "data.tiny_world.num_text_t2i=6",
-        "data.tiny_world.num_reasoning_edit=3",
-        "data.tiny_world.num_text_edit=3",
-        "data.tiny_world.num_eval_per_split=2",
+        *TINY_SHARDS,
         "trainer.max_steps=3",
         "trainer.checkpoint_every_n_steps=2",
         "trainer.log_every_n_steps=1",

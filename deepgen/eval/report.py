@@ -81,7 +81,10 @@ def reward_table(start: dict[str, float], end: dict[str, float]) -> str:
 
 
 def training_table(stages: list[StageReport]) -> str:
-    lines = ["| stage | run folder | wall time | training loss (grpo: reward), first -> last |", "|---|---|---|---|"]
+    lines = [
+        "| stage | run folder | wall time | training loss (grpo: reward), first -> last |",
+        "|---|---|---|---|",
+    ]
     for s in stages:
         if s.run_dir is None:
             continue

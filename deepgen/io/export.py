@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from deepgen.config import BridgeConfig, ModelConfig
 from deepgen.model.backbone import DeepGenBackbone
+from deepgen.model.loading import sd3_model_index
 
 EXPORT_MANIFEST = "deepgen_export.json"
 EXPORT_FORMAT = "deepgen-export"
@@ -42,22 +43,6 @@ BRIDGE_CONFIG = "bridge/config.json"
 EXPORT_LAYOUT = f"an exported folder ({EXPORT_MANIFEST}, vlm/, transformer/, vae/, scheduler/, bridge/) written by export.py"
 # Weight files of the source VLM directory are not copied: the merged weights replace them.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-# An SD3 pipeline index without text encoders: the VLM and bridge replace them.
-MODEL_INDEX = {
-    "_class_name": "StableDiffusion3Pipeline",
-    "_diffusers_version": diffusers.__version__,
-    "feature_extractor": [None, None],
-    "image_encoder": [None, None],
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": [None, None],
-    "text_encoder_2": [None, None],
-    "text_encoder_3": [None, None],
-    "tokenizer": [None, None],
-    "tokenizer_2": [None, None],
-    "tokenizer_3": [None, None],
-    "transformer": ["diffusers", "SD3Transformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
 
 
 @dataclass
@@ -114,7 +99,7 @@ def _save_diffusion(backbone: DeepGenBackbone, out: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     backbone.vae.save_pretrained(out / "vae")
     backbone.scheduler.save_pretrained(out / "scheduler")
-    (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    (out / "model_index.json").write_text(json.dumps(sd3_model_index(), indent=2) + "\n")
 
 
 def is_bridge_weight(name: str) -> bool:

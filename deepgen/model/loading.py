@@ -20,6 +20,22 @@ from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForCondition
 from deepgen.model.dit import DeepGenSD3Transformer
 from deepgen.model.vlm import IMAGE_PAD, VisionSpec
 
+
+def sd3_model_index() -> dict:
+    """``model_index.json`` of an SD3 diffusers folder without text encoders (the VLM and bridge replace
+    them): what the tiny zoo and exports write, so diffusers reads the folder as an SD3 pipeline."""
+    import diffusers
+
+    index: dict = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__}
+    absent = ("feature_extractor", "image_encoder", "text_encoder", "text_encoder_2", "text_encoder_3")
+    for part in (*absent, "tokenizer", "tokenizer_2", "tokenizer_3"):
+        index[part] = [None, None]
+    index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
+    index["vae"] = ["diffusers", "AutoencoderKL"]
+    return index
+
+
 VLM_LAYOUT = "the Hugging Face Qwen2.5-VL layout (config.json, tokenizer files, preprocessor_config.json, *.safetensors)"
 DIT_LAYOUT = "the diffusers SD3 layout (transformer/, vae/, scheduler/)"
 

@@ -681,6 +681,8 @@ def pretrain_vlm(
 def build_dit(dit_dir: Path) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
+    from deepgen.model.loading import sd3_model_index
+
     torch.manual_seed(SEED + 1)
     transformer = SD3Transformer2DModel(
         **{**DIT, "dual_attention_layers": tuple(DIT["dual_attention_layers"])}
@@ -688,24 +690,7 @@ def build_dit(dit_dir: Path) -> None:
     transformer.save_pretrained(dit_dir / "transformer")
     FlowMatchEulerDiscreteScheduler(**SCHEDULER).save_pretrained(dit_dir / "scheduler")
 
-    import diffusers
-
-    model_index = {
-        "_class_name": "StableDiffusion3Pipeline",
-        "_diffusers_version": diffusers.__version__,
-        "image_encoder": [None, None],
-        "feature_extractor": [None, None],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": [None, None],
-        "text_encoder_2": [None, None],
-        "text_encoder_3": [None, None],
-        "tokenizer": [None, None],
-        "tokenizer_2": [None, None],
-        "tokenizer_3": [None, None],
-        "transformer": ["diffusers", "SD3Transformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    _write_json(dit_dir / "model_index.json", model_index)
+    _write_json(dit_dir / "model_index.json", sd3_model_index())
 
 
 # ---- 4. VAE -------------------------------------------------------------------------------------

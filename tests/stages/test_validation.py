@@ -20,24 +20,14 @@ from lightning.pytorch.plugins.precision import Precision
 from omegaconf import OmegaConf
 
 from deepgen.config import RunConfig, ValidationConfig
-from deepgen.data.tiny_world import EVAL_DIR, draw_sample_meta, sample_key
-from deepgen.eval.benchmark import CATEGORIES
+from deepgen.data.tiny_world import EVAL_DIR
 from stages.schema import register_schema
 from stages.validation import BenchmarkValidation, benchmark_metrics, preserved_rng
+from tests.conftest import TINY_SHARDS
 
 ROOT = Path(__file__).resolve().parents[2]
 # One T2I and one editing category (no OCR to load), one prompt each, two sampling steps.
 FAST = ["validation.categories=[t2i_general,edit_general]", "validation.limit=1", "validation.num_steps=2"]
-TINY_SHARDS = [
-    "data.tiny_world.num_t2i=24",
-    "data.tiny_world.num_edit=12",
-    "data.tiny_world.samples_per_shard=12",
-    "data.tiny_world.num_reasoning_t2i=6",
-    "data.tiny_world.num_text_t2i=6",
-    "data.tiny_world.num_reasoning_edit=3",
-    "data.tiny_world.num_text_edit=3",
-    "data.tiny_world.num_eval_per_split=2",
-]
 
 
 def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -99,26 +89,6 @@ def test_train_validates_at_its_steps_with_the_same_losses(train_cli, tmp_path):
     assert losses(tmp_path / "validated") == losses(tmp_path / "plain")
 
 
-@pytest.fixture(scope="module")
-def eval_dir(tmp_path_factory) -> Path:
-    """Two held-out samples per category, as write_tiny_world_shards lays them out."""
-    out = tmp_path_factory.mktemp("shards") / EVAL_DIR
-    out.mkdir()
-    for name in CATEGORIES:
-        task, category = name.split("_", 1)
-        lines = [
-            json.dumps(
-                {
-                    **draw_sample_meta(task, category, "eval", 0, i),
-                    "key": f"eval-{sample_key(task, category, i)}",
-                }
-            )
-            for i in range(2)
-        ]
-        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    return out
-
-
 class ImageLogger:
     """Records what a W&B-like logger receives."""
 
@@ -134,7 +104,7 @@ class ImageLogger:
         self.images.append((key, step))
 
 
-def test_run_restores_modes_and_random_state_and_logs_grids(tiny_sft_run, eval_dir, tmp_path):
+def test_run_restores_modes_and_random_state_and_logs_grids(tiny_sft_run, tiny_eval_dir, tmp_path):
     module = tiny_sft_run[2]
     module.train()
     module.backbone.vae.eval()  # frozen parts in eval mode, as training keeps them
@@ -145,7 +115,7 @@ def test_run_restores_modes_and_random_state_and_logs_grids(tiny_sft_run, eval_d
     )
     categories = ["t2i_text_rendering", "edit_general"]  # T2I with OCR, and editing
     cfg = ValidationConfig(
-        every_n_steps=7, eval_dir=str(eval_dir), categories=categories, limit=1, num_steps=2
+        every_n_steps=7, eval_dir=str(tiny_eval_dir), categories=categories, limit=1, num_steps=2
     )
     callback = BenchmarkValidation(cfg, image_size=64, out_dir=tmp_path)
 
