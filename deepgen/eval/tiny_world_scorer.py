@@ -9,8 +9,9 @@ images are small, blurry and noisy, so detection is deliberately forgiving:
    colour instead of drifting to a neighbouring palette colour; it is that colour when the mix is at
    least half colour.
 2. Connected regions of one colour are objects; specks (under a quarter of the smallest object) are
-   noise. Shape is the best IoU of the region, stretched to a square, with the rendered shapes; size
-   and centre come from the bounding box, in the spec's pixel coordinates (any image size works).
+   noise. Shape is the best IoU of the region, stretched to a square, with the rendered shapes, if that
+   IoU reaches SHAPE_MIN_IOU (a shapeless blob has no shape); size and centre come from the bounding
+   box, in the spec's pixel coordinates (any image size works).
 
 Each score function returns ``{"score": graded score in [0, 1], "correct": bool (every check passes,
 GenEval's strict accuracy), "checks": {name: bool}, ...}``. The graded score gives partial credit,
@@ -47,6 +48,7 @@ MAX_RESIDUAL = 100.0  # RGB distance from the nearest colour/white mix beyond wh
 DARK_LEVEL = 80  # mean RGB below which an unexplained pixel is dark (black text ink)
 MAX_DETECTIONS = 8  # larger regions are kept; the rest of a noisy image cannot change the checks
 TEMPLATE_RADIUS = 15  # shape templates are rendered in a (2R+1)^2 box
+SHAPE_MIN_IOU = 0.7  # blurred, noisy renders reach >= 0.74 with their shape; diffusion blobs median 0.64
 PRESERVE_MIN = 0.9  # pixel agreement outside the edited area that counts as "rest preserved"
 SIGN_MIN_AREA = 0.1  # fraction of the image a sign must cover (the smallest tiny-world sign covers ~1/4)
 SIGN_MIN_FILL = 0.9  # a sign with its text filled in covers this much of its bounding box
@@ -61,7 +63,7 @@ class Detection:
     """One object found in an image; geometry in the spec's pixel coordinates."""
 
     color: str
-    shape: str
+    shape: str | None  # None: no shape template fits (SHAPE_MIN_IOU)
     center: tuple[float, float]
     radius: float  # half the longer side of the bounding box, like a spec object's radius
     box: tuple[int, int, int, int]  # inclusive bounds in image pixels
@@ -119,13 +121,14 @@ def _templates() -> dict[str, np.ndarray]:
     return out
 
 
-def _shape_of(mask: np.ndarray) -> str:
-    """The shape whose template best overlaps the region stretched to the template's box."""
+def _shape_of(mask: np.ndarray) -> str | None:
+    """The shape whose template best overlaps the region stretched to the template's box, if it fits well."""
     side = 2 * TEMPLATE_RADIUS + 1
     crop = Image.fromarray(mask.astype(np.uint8) * 255).resize((side, side), Image.BILINEAR)
     region = np.asarray(crop) >= 128
     ious = {s: (region & t).sum() / max(1, (region | t).sum()) for s, t in _templates().items()}
-    return max(ious, key=ious.get)
+    best = max(ious, key=ious.get)
+    return best if ious[best] >= SHAPE_MIN_IOU else None
 
 
 def _min_area(image_shape: tuple[int, ...]) -> float:
@@ -292,20 +295,24 @@ def _sign_checks(image: np.ndarray, spec: dict, classes: np.ndarray) -> tuple[di
     found = find_sign(image, classes)
     box_area = _box_area(found["box"]) if found else 1
     ink_class = BG if TEXT_COLORS[sign["text_color"]] == BACKGROUND else DARK
-    checks = {
-        "sign_found": found is not None
+    # Colour and ink count only on a real sign: a patch of noise of the right colour is not one.
+    real = (
+        found is not None
         and found["area"] >= SIGN_MIN_AREA * classes.size
-        and found["filled"] >= SIGN_MIN_FILL * box_area,
-        "sign_color_ok": found is not None and found["color"] == sign["color"],
-        "sign_text_ink_ok": found is not None
-        and (found["hole_classes"] == ink_class).sum() >= SIGN_MIN_INK * box_area,
+        and found["filled"] >= SIGN_MIN_FILL * box_area
+    )
+    checks = {
+        "sign_found": real,
+        "sign_color_ok": real and found["color"] == sign["color"],
+        "sign_text_ink_ok": real and (found["hole_classes"] == ink_class).sum() >= SIGN_MIN_INK * box_area,
     }
     return checks, found
 
 
 def score_sign(image: np.ndarray, spec: dict) -> dict:
     """Sign checks of a text-rendering sample, weighted equally: ``sign_found`` (a large filled rectangle),
-    ``sign_color_ok`` (of the sign's colour) and ``sign_text_ink_ok`` (enclosed ink of the text colour).
+    ``sign_color_ok`` (that sign has the sign's colour) and ``sign_text_ink_ok`` (it encloses ink of the
+    text colour).
     Whether the ink spells ``text`` is OCR's to judge, inside ``sign_box`` (image pixels; None if no sign)."""
     checks, found = _sign_checks(image, spec, classify_pixels(image))
     return _result(checks, text=spec["sign"]["text"], sign_box=found["box"] if found else None)
@@ -455,8 +462,8 @@ def score_edit(image: np.ndarray, source_spec: dict, target_spec: dict, edit_inf
     Edit checks by kind: recolour ``edit_color`` (the new colour and not the old at the object's place)
     and ``edit_shape`` (with its shape); remove ``edit_removed``; add ``edit_color``, ``edit_shape`` and
     ``edit_size`` (anywhere: instructions do not place it); move ``edit_moved`` (in the stated direction
-    by at least a twelfth of the image); retext ``edit_text_changed`` (the text area differs from the
-    source's); whether it reads ``text`` is OCR's to judge, in ``sign_box``. Preservation: ``kept{i}``
+    by at least a twelfth of the image); retext ``edit_text_changed`` (a sign with text ink whose text
+    area differs from the source's); whether it reads ``text`` is OCR's to judge, in ``sign_box``. Preservation: ``kept{i}``
     per untouched source object i (its colour and shape where it was; for signs the score_sign checks
     and ``sign_box_ok``), ``no_extra``, and the fraction
     ``preserve_pixels`` (see preserved_pixels; ``correct`` needs PRESERVE_MIN).
@@ -478,7 +485,9 @@ def score_edit(image: np.ndarray, source_spec: dict, target_spec: dict, edit_inf
         old_ink = _ink_density(source_image, source_spec["sign"], source_box)
         new_ink = _ink_density(image, source_spec["sign"], source_box)
         changed = np.abs(new_ink - old_ink).sum() / max(1e-6, (new_ink + old_ink).sum())
-        edit = {"edit_text_changed": changed >= TEXT_CHANGE_MIN}
+        # Erasing the word, or drawing no sign at all, changes the ink too: rewritten text needs a sign with ink.
+        rewritten = keep["sign_found"] and keep["sign_text_ink_ok"] and changed >= TEXT_CHANGE_MIN
+        edit = {"edit_text_changed": bool(rewritten)}
         extra = {"text": target_spec["sign"]["text"], "sign_box": found["box"] if found else None}
     else:
         dets = detect_objects(image, source_spec, classes)

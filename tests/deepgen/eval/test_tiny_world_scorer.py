@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from deepgen.data.tiny_world import COLORS, draw_sample_meta, relation, render_scene
-from deepgen.eval.tiny_world_scorer import label_regions, score_edit, score_t2i
+from deepgen.data.tiny_world import COLORS, PALETTE, draw_sample_meta, relation, render_scene
+from deepgen.eval.tiny_world_scorer import detect_objects, label_regions, score_edit, score_t2i
 
 NUM = 64  # per split, as the eval files hold
 
@@ -129,6 +129,23 @@ def test_wrong_shape_fails_its_shape_check():
     assert failed(score_t2i(render(wrong), spec, meta["caption"])) == {"object1_shape"}
 
 
+def test_a_shapeless_blob_of_the_right_colour_has_no_shape():
+    """Two overlapping discs on a diagonal (as an undertrained model draws) pass colour but no shape."""
+    meta = two_object_scene()
+    spec = meta["spec"]
+    obj = spec["objects"][0]
+    image = render({**spec, "objects": spec["objects"][1:]}).copy()
+    (x, y), r = obj["center"], obj["radius"]
+    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+    blob = np.zeros(image.shape[:2], dtype=bool)
+    for d in (-0.4 * r, 0.4 * r):
+        blob |= (xx - x - d) ** 2 + (yy - y - d) ** 2 <= (0.6 * r) ** 2
+    image[blob] = PALETTE[obj["color"]]
+    assert [d.shape for d in detect_objects(image, spec) if d.color == obj["color"]] == [None]
+    result = score_t2i(image, spec, meta["caption"])
+    assert "object0_shape" in failed(result) and "object0_color" not in failed(result)
+
+
 def test_removed_object_fails_its_check_and_the_count():
     meta = two_object_scene()
     spec = meta["spec"]
@@ -197,6 +214,28 @@ def test_wrong_sign_colour_fails_sign_color():
     result = score_t2i(render(wrong), spec, meta["caption"])
     assert "sign_color_ok" in failed(result) and result["score"] < 1.0
     assert result["text"] == spec["sign"]["text"] and result["sign_box"] is not None
+
+
+def test_sign_colour_counts_only_on_a_sign():
+    """A small patch of the sign's colour is not a sign: no check passes."""
+    meta = eval_samples("t2i", "text_rendering")[0]
+    spec = meta["spec"]
+    image = np.full((64, 64, 3), 255, dtype=np.uint8)
+    image[20:30, 20:30] = PALETTE[spec["sign"]["color"]]
+    assert score_t2i(image, spec, meta["caption"])["score"] == 0.0
+
+
+def test_erasing_the_word_is_not_rewriting_it():
+    """A retext edit that leaves the sign blank changes the ink but fails edit_text_changed (scores 0)."""
+    retexts = [m for m in eval_samples("edit", "text_rendering") if m["edit"]["kind"] == "retext"][:8]
+    assert retexts
+    for meta in retexts:
+        sign = meta["target_spec"]["sign"]
+        blank = render(meta["target_spec"]).copy()
+        x0, y0, x1, y1 = sign["box"]
+        blank[y0 : y1 + 1, x0 : x1 + 1] = PALETTE[sign["color"]]
+        result = score_meta(blank, meta)
+        assert "edit_text_changed" in failed(result) and result["score"] == 0.0, result
 
 
 def test_edit_that_disturbs_an_untouched_object_loses_preservation():
