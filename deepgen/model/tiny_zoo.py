@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BUILDER_VERSION = 2  # 2: VLM initializer_range 0.15 and causal-LM pretraining
+BUILDER_VERSION = 3  # 2: VLM initializer_range 0.15 and causal-LM pretraining; 3: VAE fit 800 steps at lr 2e-3
 SEED = 1234
 
 VLM_SUBDIR = "qwen2_5_vl"
@@ -102,11 +102,13 @@ VAE_FIT = {
     "heldout_images": 256,
     "crop_size": 32,  # train on random crops: 4x cheaper than full images, and the VAE is convolutional
     "batch_size": 32,
-    "lr": 1e-3,
+    "lr": 2e-3,
     "kl_weight": 1e-6,
     "warmup_steps": 20,
 }
-DEFAULT_VAE_FIT_STEPS = 300
+DEFAULT_VAE_FIT_STEPS = 800
+"""The VAE bounds every model's benchmark score: the tiny-world scorer gives its reconstructions of the
+held-out renders 0.50 (general T2I) after 300 steps at lr 1e-3, and 0.92 after 600 at lr 2e-3."""
 VLM_PRETRAIN = {
     "chats": 4096,  # tiny-world T2I chats drawn once; batches are sampled from them
     "category_weights": {"general": 6, "reasoning": 2, "text_rendering": 1},
