@@ -32,7 +32,7 @@ from stages.callbacks import (
 )
 from stages.checkpoint_io import SafeCheckpointIO
 from stages.datamodule import DataProgress, DeepGenDataModule
-from stages.parallel import cluster_plugins, make_strategy
+from stages.parallel import cluster_plugins, compile_blocks, make_strategy
 from stages.schema import register_schema
 from stages.validation import BenchmarkValidation
 
@@ -107,6 +107,8 @@ def main(cfg: DictConfig) -> None:
         run.model, run.stage, run.trainer.max_steps, seed=run.seed, init_from=init_from, **extra
     )
     module.configure_model()
+    if run.hardware.compile and run.hardware.strategy != "fsdp2":  # fsdp2 compiles while sharding
+        compile_blocks(module.backbone)
     log.info(f"Run folder: {run_dir}\nParameters:\n{module.describe_parameters()}")
     if resume:
         log.info(f"Resuming from {resume}")

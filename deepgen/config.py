@@ -324,6 +324,10 @@ class HardwareConfig:
     activation_checkpointing: bool = False
     """fsdp2: recompute VLM decoder layers, connector layers and DiT blocks in backward (less activation
     memory, about a third more compute)."""
+    compile: bool = False
+    """``torch.compile`` each VLM decoder layer, connector layer and DiT block on its own
+    (stages/parallel.py compile_blocks); on in the GPU configs. The first steps are slower while
+    the blocks compile."""
     reshard_after_forward: bool = True
     """fsdp2: free gathered block weights after forward and gather them again in backward (False:
     more memory, less communication)."""

@@ -65,6 +65,18 @@ def repeated_blocks(backbone: DeepGenBackbone) -> list[nn.Module]:
     ]
 
 
+def compile_blocks(backbone: DeepGenBackbone, backend: str = "inductor") -> None:
+    """``torch.compile`` each repeated block on its own, in place (parameter names do not change).
+
+    Per block rather than the whole model: blocks of one kind share one compiled graph, the
+    backbone's Python control flow (prompts, references, padding) stays eager, and the FSDP2 units
+    wrap compiled blocks as in torchtitan (checkpointing, then compile, then ``fully_shard``).
+    ``backend``: torch.compile's; "aot_eager" traces the same graphs without generating kernels.
+    """
+    for block in repeated_blocks(backbone):
+        block.compile(backend=backend)
+
+
 def is_sharded(backbone: nn.Module) -> bool:
     return isinstance(backbone, FSDPModule)
 
@@ -76,6 +88,7 @@ def shard_backbone(
     activation_checkpointing: bool,
     mixed_precision: bool,
     reshard_after_forward: bool = True,
+    compile: bool = False,
 ) -> None:
     """Apply FSDP2 in place over the 1-D data-parallel ``mesh`` (after the trainable flags are set).
 
@@ -86,7 +99,7 @@ def shard_backbone(
 
     Activation checkpointing uses the composable ``checkpoint`` (forward hooks): unlike
     ``checkpoint_wrapper`` it adds no wrapper module, so parameter names, ``trainable_names`` and
-    checkpoint keys stay those of an unsharded run.
+    checkpoint keys stay those of an unsharded run. ``compile``: see compile_blocks.
     """
     if is_sharded(backbone):
         raise RuntimeError("The backbone is already sharded")
@@ -111,6 +124,8 @@ def shard_backbone(
     if activation_checkpointing:
         for block in blocks:
             checkpoint(block)
+    if compile:
+        compile_blocks(backbone)
     visual = backbone.vlm.model.visual
     for block in [*blocks, *visual.blocks]:
         shard(block, cast, reshard_after_forward=reshard_after_forward)
@@ -156,6 +171,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         activation_checkpointing: bool = False,
         mixed_precision: bool = False,
         reshard_after_forward: bool = True,
+        compile: bool = False,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -168,6 +184,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.activation_checkpointing = activation_checkpointing
         self.mixed_precision = mixed_precision
         self.reshard_after_forward = reshard_after_forward
+        self.compile = compile
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
@@ -183,6 +200,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             activation_checkpointing=self.activation_checkpointing,
             mixed_precision=self.mixed_precision,
             reshard_after_forward=self.reshard_after_forward,
+            compile=self.compile,
         )
 
     # ----------------------------------------------------------------------------- saving
@@ -284,6 +302,7 @@ def make_strategy(hardware: HardwareConfig) -> str | FSDP2Strategy:
         activation_checkpointing=hardware.activation_checkpointing,
         mixed_precision=hardware.precision == "bf16-mixed",
         reshard_after_forward=hardware.reshard_after_forward,
+        compile=hardware.compile,
         process_group_backend=hardware.process_group_backend,
     )
 
