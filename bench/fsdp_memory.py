@@ -8,7 +8,8 @@ The backbone is built from the published configs with random weights (``deepgen.
 the stage module sets what trains (align: think tokens and bridge; sft: also the DiT and VLM LoRA),
 then ``stages.parallel.shard_backbone`` shards it with the settings of ``conf/hardware/<--hardware>``
 (fsdp_h100: bf16 parameters and fp32 gradient reduction, activation checkpointing of the VLM decoder
-layers, connector layers and DiT blocks, resharding after forward) over a one-process group, and the
+layers, connector layers and DiT blocks, resharding after forward, per-block compile on GPU) over a
+one-process group, and the
 stage's own AdamW steps the sharded parameters. Steps run under bf16 autocast, as Lightning's
 bf16-mixed precision does around ``training_step``. Inputs: T2I micro-batches at --size px with
 --prompt-tokens of template and caption plus the think tokens (``--task edit`` adds one reference).
@@ -109,6 +110,7 @@ class ShardedStage:
             activation_checkpointing=self.hw.activation_checkpointing,
             mixed_precision=self.hw.precision == "bf16-mixed",
             reshard_after_forward=self.hw.reshard_after_forward,
+            compile=self.hw.compile and s.compile,
         )
         optimizer = module.configure_optimizers()["optimizer"]
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -185,6 +187,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         prompt_tokens=a.prompt_tokens,
         warmup=a.warmup,
         iters=a.iters,
+        compile=torch.device(device).type == "cuda",  # on CPU inductor would take minutes per trial
     )
     return a, s
 
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     hw = load_hardware(a.hardware)
     if hw.strategy != "fsdp2":
         raise SystemExit(f"conf/hardware/{a.hardware}.yaml has strategy {hw.strategy!r}, not fsdp2")
-    doc = {"env": environment(s), "hardware": asdict(hw), "task": a.task, "px": s.size, "stages": {}}
+    doc = {"env": environment(s), "hardware": asdict(hw), "compiled": hw.compile and s.compile}
+    doc |= {"task": a.task, "px": s.size, "stages": {}}
     with tempfile.TemporaryDirectory() as tmp:
         mesh = single_process_mesh(s.dev, hw.process_group_backend, Path(tmp) / "rendezvous")
         try:

@@ -22,7 +22,8 @@ Each is run twice. "ours": the project's code, as a run with ``hardware=gpu`` ex
 module decides what trains and builds its AdamW, the backbone computes conditioning and loss
 (``encode_prompts`` + ``flow_loss``), sampling is ``DeepGenBackbone.sample`` on bf16 weights like
 ``deepgen.inference``, RL is ``sde_rollout`` and ``MRGRPOModule.grpo_backward``, all under Lightning
-Fabric with the Trainer's precision (bf16-mixed; 32-true on CPU, as hardware=cpu). "plain": the
+Fabric with the Trainer's precision (bf16-mixed; 32-true on CPU, as hardware=cpu), with each block
+compiled as ``hardware.compile`` does (``--no-compile`` to leave it out; off on CPU). "plain": the
 textbook loop on stock parts: transformers' Qwen2.5-VL, diffusers' ``SD3Transformer2DModel``,
 ``AutoencoderKL`` and ``FlowMatchEulerDiscreteScheduler.step``, fp32 weights under bf16 autocast,
 ``AdamW(fused=True)`` on CUDA.
@@ -37,7 +38,7 @@ bench/fsdp_memory.py measures that path.)
 Per side: median seconds of --iters timed steps after --warmup untimed ones (sampling and RL:
 --long-iters after one), ``torch.cuda.synchronize`` around each; images/s; peak memory
 (``torch.cuda.max_memory_allocated``, weights and optimiser state included); FLOPs of one step counted
-once with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention; backward
+once, eagerly (before compiling), with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention; backward
 included), TFLOP/s and MFU against --peak-tflops (989: H100 SXM dense bf16; meaningless elsewhere).
 ``speedup`` = plain seconds / our seconds. The JSON is rewritten after every measurement, so a run
 cut short keeps what it measured; a measurement that fails (out of memory) records its error.
@@ -91,6 +92,7 @@ from deepgen.model.vlm import (
 )
 from stages import STAGES
 from stages.grpo import Rollout
+from stages.parallel import compile_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_DENSE_BF16_TFLOPS = 989.0
@@ -117,6 +119,7 @@ class Settings:
     long_iters: int = 3  # sampling and RL: seconds per step, not fractions of one
     precision: str = "bf16-mixed"
     frozen_dtype: str = "bfloat16"
+    compile: bool = True  # ours: hardware.compile, on in the GPU configs
     peak_tflops: float = H100_DENSE_BF16_TFLOPS
     seed: int = 0
 
@@ -139,6 +142,8 @@ class Settings:
 
 
 Step = Callable[[], None]
+Compile = Callable[[], None]
+"""Turns on the fast path of our side (``hardware.compile``): called after FLOPs are counted eagerly."""
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -147,17 +152,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(step: Step, images: int, s: Settings, count_flops: bool = True) -> dict:
-    """Warm up, count one step's FLOPs, then time ``s.iters`` steps; see the module docstring."""
-    for _ in range(s.warmup):
-        step()
-    synchronize(s.dev)
+def time_step(
+    step: Step, images: int, s: Settings, compile: Compile | None = None, count_flops: bool = True
+) -> dict:
+    """Count one step's FLOPs (eagerly: compiled kernels can hide matmuls from the counter), compile,
+    warm up, then time ``s.iters`` steps; see the module docstring."""
     flops = None
     if count_flops:
         with FlopCounterMode(display=False) as counter:
             step()
         synchronize(s.dev)
         flops = counter.get_total_flops()
+    if compile is not None:
+        compile()
+    for _ in range(s.warmup):
+        step()
+    synchronize(s.dev)
     if s.dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.dev)
     seconds = []
@@ -181,6 +191,7 @@ def time_step(step: Step, images: int, s: Settings, count_flops: bool = True) ->
         "flops": flops,
         "tflops_per_s": tflops,
         "mfu": tflops / s.peak_tflops if tflops is not None else None,
+        "compiled": compile is not None,
     }
 
 
@@ -268,6 +279,11 @@ def our_stage(s: Settings, stage: str, stage_cfg: StageConfig | None = None, **k
     return bb, module, optimizer, fabric
 
 
+def fast_path(s: Settings, bb: DeepGenBackbone) -> list[Compile]:
+    """Our side's compile step, as ``hardware.compile`` applies it (stages/parallel.py), if on."""
+    return [lambda: compile_blocks(bb)] if s.compile else []
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
     """Clip, step, clear: what the Trainer does after backward (trainer.grad_clip = 1.0)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -289,7 +305,7 @@ def ours_train(s: Settings, stage: str, task: str) -> tuple[Step, int]:
         fabric.backward(loss)
         optimizer_step(optimizer)
 
-    return step, s.batch
+    return step, s.batch, *fast_path(s, bb)
 
 
 def ours_sample(s: Settings, size: int) -> tuple[Step, int]:
@@ -309,7 +325,7 @@ def ours_sample(s: Settings, size: int) -> tuple[Step, int]:
             cond, uncond = bb.encode_prompts(prompt), bb.encode_prompts(negative)
             bb.sample(cond, uncond, size, size, num_steps=s.steps, cfg_scale=CFG_SCALE, generator=generator)
 
-    return step, 1
+    return step, 1, *fast_path(s, bb)
 
 
 def grpo_stage_config(s: Settings, prompt_file: Path) -> StageConfig:
@@ -353,7 +369,11 @@ def our_rollout(bb, module, fabric, prompts, x, sigmas, generator) -> Rollout:
 def ours_grpo_rollout(s: Settings) -> tuple[Step, int]:
     bb, module, _optimizer, fabric, prompts, x, sigmas = ours_grpo(s)
     generator = torch.Generator(device=s.dev).manual_seed(s.seed)
-    return (lambda: our_rollout(bb, module, fabric, prompts, x, sigmas, generator)), x.shape[0]
+    return (
+        (lambda: our_rollout(bb, module, fabric, prompts, x, sigmas, generator)),
+        x.shape[0],
+        *fast_path(s, bb),
+    )
 
 
 def ours_grpo_update(s: Settings) -> tuple[Step, int]:
@@ -376,7 +396,7 @@ def ours_grpo_update(s: Settings) -> tuple[Step, int]:
             module.grpo_backward([rollout], adv, mask, trained)
         optimizer_step(optimizer)
 
-    return step, n
+    return step, n, *fast_path(s, bb)
 
 
 # ---------------------------------------------------------------------------------- plain loop
@@ -683,7 +703,8 @@ def measure_side(prepare: Prepare, s: Settings) -> dict:
     """One side of one measurement; a failure (e.g. out of memory) is recorded, not raised."""
     torch.manual_seed(s.seed)
     try:  # no local keeps the step (and its models) alive past this call
-        result = time_step(*prepare(s), s)
+        step, images, *fast = prepare(s)
+        result = time_step(step, images, s, *fast)
     except Exception as error:  # the suite goes on; the JSON says what failed and why
         traceback.print_exc()
         result = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
@@ -760,6 +781,12 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, list[str], Path]:
         help="Lightning precision (default: hardware=gpu's bf16-mixed, on CPU 32-true)",
     )
     p.add_argument("--frozen-dtype", default=None, help="dtype of frozen weights (default: bfloat16 on GPU)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="our side compiles its blocks, as hardware.compile (default: on GPU yes, on CPU no)",
+    )
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops)
     p.add_argument("--only", nargs="+", default=[], help="measurement names or prefixes")
     p.add_argument("--out", type=Path, default=Path("perf.json"))
@@ -784,6 +811,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, list[str], Path]:
         long_iters=a.long_iters,
         precision=precision,
         frozen_dtype=frozen,
+        compile=not on_cpu if a.compile is None else a.compile,
         peak_tflops=a.peak_tflops,
     )
     return s, a.only, a.out

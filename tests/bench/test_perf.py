@@ -103,6 +103,26 @@ def test_only_runs_the_named_measurements(tmp_path):
     assert json.loads(out.read_text())["results"].keys() == {"sample_cfg_32"}
 
 
+def test_our_side_compiles_after_counting_flops(tmp_path, monkeypatch):
+    """--compile: our blocks are compiled (traced with aot_eager here; inductor takes minutes on CPU)
+    after the eager FLOP count, so the count matches the uncompiled run's."""
+    from stages.parallel import compile_blocks
+
+    compiled = []
+
+    def trace(bb):
+        compiled.append(bb)
+        compile_blocks(bb, backend="aot_eager")
+
+    monkeypatch.setattr(perf_module, "compile_blocks", trace)
+    argv = [*TINY, "--only", "train_sft_t2i", "--batch", "2", "--warmup", "1", "--iters", "1"]
+    eager = perf([*argv, "--out", str(tmp_path / "eager.json")])["results"]["train_sft_t2i"]
+    assert not compiled and not eager["ours"]["compiled"]
+    fast = perf([*argv, "--compile", "--out", str(tmp_path / "fast.json")])["results"]["train_sft_t2i"]
+    assert len(compiled) == 1 and fast["ours"]["compiled"] and not fast["plain"]["compiled"]
+    assert fast["ours"]["flops"] == eager["ours"]["flops"]
+
+
 def test_largest_fitting_doubles_then_bisects():
     tried = []
 
@@ -134,6 +154,7 @@ def test_fsdp_memory_runs_sharded_align_and_sft_steps(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
     hardware = doc["hardware"]
     assert hardware["strategy"] == "fsdp2" and hardware["precision"] == "bf16-mixed"
+    assert hardware["compile"] and not doc["compiled"]  # compiled on GPU only
     assert hardware["activation_checkpointing"] and hardware["reshard_after_forward"]
     for stage in ("align", "sft"):
         record = doc["stages"][stage]
