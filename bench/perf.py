@@ -9,8 +9,9 @@ realistic length (``--prompt-tokens`` of template and caption, then the think to
 tokenizer is needed; tokenising a prompt costs well under a millisecond and is left out.
 
 Measurements (``--only`` takes names or prefixes: ``train``, ``sample``, ``grpo``):
-  train_align, train_sft_t2i, train_sft_edit   one optimiser step at --size px, micro-batch --batch;
-                                               the edit step has one --size px reference per sample
+  train_align, train_align_edit, train_sft_t2i, train_sft_edit
+                                               one optimiser step at --size px, micro-batch --batch;
+                                               edit steps have one --size px reference per sample
   sample_cfg_<px>                              50-step (--steps) Euler sampling with CFG 4, batch 1,
                                                prompt encoding and VAE decoding included
   grpo_rollout                                 --rollout-images images of one prompt, --steps SDE steps,
@@ -675,6 +676,11 @@ def measurements(s: Settings) -> dict[str, tuple[dict, Prepare, Prepare]]:
             {**train, "stage": "align", "task": "t2i"},
             lambda s: ours_train(s, "align", "t2i"),
             lambda s: plain_train(s, "align", "t2i"),
+        ),
+        "train_align_edit": (
+            {**train, "stage": "align", "task": "edit", "references": 1},
+            lambda s: ours_train(s, "align", "edit"),
+            lambda s: plain_train(s, "align", "edit"),
         ),
         "train_sft_t2i": (
             {**train, "stage": "sft", "task": "t2i"},

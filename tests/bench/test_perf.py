@@ -17,6 +17,7 @@ from tests.conftest import ROOT
 TINY = ["--model", "tiny", "--device", "cpu", "--size", "32", "--prompt-tokens", "8"]
 MEASUREMENTS = {
     "train_align": 2,  # images per step
+    "train_align_edit": 2,
     "train_sft_t2i": 2,
     "train_sft_edit": 2,
     "sample_cfg_64": 1,
@@ -88,6 +89,7 @@ def test_flop_counts_follow_the_work(perf_doc):
     for side in ("ours", "plain"):
         # sft adds the DiT's and the adapters' weight gradients; an edit adds reference tokens
         assert flops["train_align"][side] < flops["train_sft_t2i"][side] < flops["train_sft_edit"][side]
+        assert flops["train_align"][side] < flops["train_align_edit"][side] < flops["train_sft_edit"][side]
         assert flops["sample_cfg_32"][side] < flops["sample_cfg_64"][side]
     for name, sides in flops.items():
         assert sides["plain"] == pytest.approx(sides["ours"], rel=0.1), name
