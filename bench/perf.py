@@ -41,7 +41,8 @@ Per side: median seconds of --iters timed steps after --warmup untimed ones (sam
 (``torch.cuda.max_memory_allocated``, weights and optimiser state included); FLOPs of one step counted
 once, eagerly (before compiling), with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention; backward
 included), TFLOP/s and MFU against --peak-tflops (989: H100 SXM dense bf16; meaningless elsewhere).
-``speedup`` = plain seconds / our seconds. The JSON is rewritten after every measurement, so a run
+``speedup`` = plain seconds / our seconds. With compile on, ``compile_numerics`` first checks that the
+compiled blocks give the eager loss and gradient within bf16 tolerance. The JSON is rewritten after every measurement, so a run
 cut short keeps what it measured; a measurement that fails (out of memory) records its error.
 """
 
@@ -823,6 +824,41 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, list[str], Path]:
     return s, a.only, a.out
 
 
+NUMERICS_RTOL = {"loss": 1e-2, "grad": 5e-2}  # bf16 keeps 8 bits of mantissa; fused kernels reorder sums
+
+
+def compile_numerics(s: Settings) -> dict:
+    """The fast path keeps the numbers: one SFT T2I loss and the DiT output layer's gradient, eager and
+    then with compiled blocks, on the same inputs and noise; relative differences against NUMERICS_RTOL."""
+    bb, _module, _optimizer, fabric = our_stage(s, "sft")
+    prompts = synthetic_prompts(s.arch, bb.vision, s.batch, s.prompt_tokens, bb.cfg.num_think_tokens)
+    targets = random_images(s.batch, s.size, s.dev, s.seed)
+
+    def loss_and_grad() -> tuple[float, Tensor]:
+        generator = torch.Generator(device=s.dev).manual_seed(s.seed)
+        with fabric.autocast():
+            loss = bb.flow_loss(bb.encode_prompts(prompts), targets, generator=generator)
+        fabric.backward(loss)
+        grad = bb.dit.proj_out.weight.grad.float().clone()
+        bb.zero_grad(set_to_none=True)
+        return loss.item(), grad
+
+    loss, grad = loss_and_grad()
+    compile_blocks(bb)
+    fast_loss, fast_grad = loss_and_grad()
+    diff = {
+        "loss": abs(fast_loss - loss) / abs(loss),
+        "grad": ((fast_grad - grad).norm() / grad.norm()).item(),
+    }
+    return {
+        "loss_eager": loss,
+        "loss_compiled": fast_loss,
+        "rel_diff": diff,
+        "rtol": NUMERICS_RTOL,
+        "ok": all(diff[k] <= NUMERICS_RTOL[k] for k in diff),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     s, only, out = parse_args(argv)
     suite = measurements(s)
@@ -830,6 +866,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not chosen:
         raise SystemExit(f"--only {only} matches none of {list(suite)}")
     doc = {"env": environment(s), "settings": asdict(s), "results": {}}
+    if s.compile:
+        doc["compile_numerics"] = compile_numerics(s)
+        free_memory(s.dev)  # the check's models went with its frame
+        write_json(out, doc)
+        print(f"compiled vs eager: {doc['compile_numerics']}", flush=True)
     for name in chosen:
         workload, ours, plain = suite[name]
         start = time.perf_counter()

@@ -107,7 +107,8 @@ def test_only_runs_the_named_measurements(tmp_path):
 
 def test_our_side_compiles_after_counting_flops(tmp_path, monkeypatch):
     """--compile: our blocks are compiled (traced with aot_eager here; inductor takes minutes on CPU)
-    after the eager FLOP count, so the count matches the uncompiled run's."""
+    after the eager FLOP count, so the count matches the uncompiled run's; the numerics check compares
+    a compiled loss and gradient with eager ones."""
     from stages.parallel import compile_blocks
 
     compiled = []
@@ -118,11 +119,17 @@ def test_our_side_compiles_after_counting_flops(tmp_path, monkeypatch):
 
     monkeypatch.setattr(perf_module, "compile_blocks", trace)
     argv = [*TINY, "--only", "train_sft_t2i", "--batch", "2", "--warmup", "1", "--iters", "1"]
-    eager = perf([*argv, "--out", str(tmp_path / "eager.json")])["results"]["train_sft_t2i"]
-    assert not compiled and not eager["ours"]["compiled"]
-    fast = perf([*argv, "--compile", "--out", str(tmp_path / "fast.json")])["results"]["train_sft_t2i"]
-    assert len(compiled) == 1 and fast["ours"]["compiled"] and not fast["plain"]["compiled"]
+    eager_doc = perf([*argv, "--out", str(tmp_path / "eager.json")])
+    eager = eager_doc["results"]["train_sft_t2i"]
+    assert not compiled and not eager["ours"]["compiled"] and "compile_numerics" not in eager_doc
+    fast_doc = perf([*argv, "--compile", "--out", str(tmp_path / "fast.json")])
+    fast = fast_doc["results"]["train_sft_t2i"]
+    assert len(compiled) == 2  # the numerics check, then the measurement
+    assert fast["ours"]["compiled"] and not fast["plain"]["compiled"]
     assert fast["ours"]["flops"] == eager["ours"]["flops"]
+    numerics = fast_doc["compile_numerics"]
+    assert numerics["ok"] and numerics["loss_eager"] > 0
+    assert numerics["rel_diff"]["loss"] < 1e-5 and numerics["rel_diff"]["grad"] < 1e-4  # fp32, same graphs
 
 
 def test_largest_fitting_doubles_then_bisects():
