@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 
 from deepgen.config import GRPOConfig, LoraConfig, PromptSetConfig, StageConfig
 from deepgen.data.tiny_world import draw_sample_meta
+from deepgen.diffusion.schedule import inference_sigmas
+from deepgen.diffusion.sde import sde_step
 from deepgen.io.checkpoints import load_checkpoint_dir, save_checkpoint_dir
 from deepgen.rewards.base import REWARDS, RewardResult, register_reward
 from deepgen.rewards.runner import RetryPolicy, RewardSet
@@ -233,3 +235,46 @@ def test_resume_continues_exactly(tiny_model_cfg, tmp_path):
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         if not name.startswith("backbone.vae."):
             assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_an_update_makes_favoured_trajectories_likelier(tiny_model_cfg, tmp_path):
+    """The policy gradient's sign: one small gradient step on grpo_backward's loss, with advantage +1 for
+    half of the images and -1 for the rest, raises the advantage-weighted sum of their recomputed
+    log-probabilities. A sign slip in the loss, the ratio or the log-probabilities lowers it."""
+    module = build(tiny_model_cfg, grpo_stage(tmp_path, {"test_brightness": 1.0}), tmp_path)
+    g = module.grpo
+    rollouts, _, _ = module.rollout(module.prompt_sampler.draw(0, 0, 2), step=0)
+    steps = module.trained_steps(0)
+    sigmas = inference_sigmas(module.backbone.scheduler, g.num_steps)
+
+    @torch.no_grad()
+    def log_probs() -> torch.Tensor:
+        """Per image, the log-probability of its trajectory over the trained steps, under today's DiT."""
+        total = []
+        for r in rollouts:
+            velocity = module.velocity_fn(r.cond, r.uncond)
+            per_step = [
+                sde_step(
+                    g.sde,
+                    velocity(r.latents[j], sigmas[j]),
+                    r.latents[j],
+                    sigmas[j],
+                    sigmas[j + 1],
+                    eta=g.eta,
+                    prev_sample=r.latents[j + 1],
+                    sigma_max_sub=float(sigmas[1]),
+                ).log_prob
+                for j in steps
+            ]
+            total.append(torch.stack(per_step).sum(0))
+        return torch.cat(total)
+
+    before = log_probs()
+    adv = torch.tensor([1.0, -1.0]).repeat(len(before) // 2)
+    module.grpo_backward(rollouts, adv, torch.ones(len(adv), dtype=torch.bool), steps)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.grad is not None:
+                p -= 1e-2 * p.grad
+    gain = float((adv * (log_probs() - before)).sum())
+    assert gain > 0, gain
