@@ -1,5 +1,9 @@
 """Convert a dataset to webdataset shards: `python convert.py --layout folder --input DIR --out DIR`.
 
+`python convert.py latents --shards DIR --vae SD3_DIR --image-size 512` adds cached VAE latents to
+existing shards (deepgen.data.latents; train with data.vae_latents=true); `--vae` on a conversion does
+the same for its output.
+
 Wiring only: parse the flags into ConvertOptions, run deepgen.data.convert.convert, print the report.
 Layouts, options, resume and skip reporting are described in data/CONVERTING.md.
 """
@@ -56,10 +60,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix", help="sample key prefix (default: the task)")
     p.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--vae", help="then cache this VAE's latents in the shards: an SD3 folder (vae/), as model.dit_path"
+    )
+    add_latent_options(p)
     return p.parse_args(argv)
 
 
+def add_latent_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--image-size", type=int, default=512, help="with --vae: data.image_size of the training runs"
+    )
+    p.add_argument(
+        "--size-unit", type=int, default=32, help="with --vae: data.size_unit of the training runs"
+    )
+    p.add_argument("--latent-batch-size", type=int, default=16, help="with --vae: images per VAE forward")
+    p.add_argument("--device", help="with --vae: where the VAE runs (default: cuda if available, else cpu)")
+
+
+def parse_latents_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="convert.py latents",
+        description="Cache VAE latents in existing shards, for training with data.vae_latents=true.",
+    )
+    p.add_argument(
+        "--shards", required=True, help="folder of t2i-*.tar / edit-*.tar shards (data.shards_dir)"
+    )
+    p.add_argument("--vae", required=True, help="SD3 folder in the diffusers layout (vae/): model.dit_path")
+    add_latent_options(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def cache_latents(args: argparse.Namespace, shards: str) -> int:
+    """Add the VAE latents of `args.vae` to the shards in `shards`; print the report."""
+    import torch
+
+    from deepgen.data.latents import add_vae_latents, load_vae
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        vae = load_vae(args.vae, device=device)
+        report = add_vae_latents(
+            shards,
+            vae,
+            image_size=args.image_size,
+            size_unit=args.size_unit,
+            batch_size=args.latent_batch_size,
+            vae_dir=str(args.vae),
+            progress=not args.no_progress,
+        )
+    except (OSError, ValueError) as exn:  # a missing folder or file, a wrong layout, a bad option
+        print(f"convert.py: error: {exn}", file=sys.stderr)
+        return 2
+    print(
+        f"VAE latents (VAE {report['vae']}, image_size {report['image_size']}, size_unit {report['size_unit']}): "
+        f"{report['written']} of {report['shards']} shards written now, the rest already cached -> {shards}"
+    )
+    print(f"train with: data.vae_latents=true data.image_size={report['image_size']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["latents"]:
+        args = parse_latents_args(argv[1:])
+        return cache_latents(args, args.shards)
     args = parse_args(argv)
     opts = ConvertOptions(
         layout=args.layout,
@@ -95,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             for example in examples:
                 print(f"  {reason}: {example}")
     print(f"report: {args.out}/manifest.json (conversions.{report['task']})")
-    return 0
+    return cache_latents(args, args.out) if args.vae else 0
 
 
 if __name__ == "__main__":

@@ -120,6 +120,11 @@ class DataConfig:
     """Samples read from a shard before max_bad_fraction applies."""
     tiny_world: TinyWorldConfig | None = None
     """If set and shards_dir has no shards, generate tiny-world shards there."""
+    vae_latents: bool = False
+    """Train on the VAE posteriors cached in the shards (``python convert.py latents``) instead of running
+    the VAE encoder on every target and reference image; a latent is still drawn from the posterior each
+    step. Every sample must carry them, made at this image_size and size_unit by the model's VAE;
+    otherwise training stops with a message saying how to make them."""
 
 
 @dataclass

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from deepgen.config import ModelConfig, StageConfig
+from deepgen.data.latents import vae_fingerprint
+from deepgen.data.shards import LatentCacheError, latents_hint
 from deepgen.io.checkpoints import copy_weights, load_checkpoint_dir
 from deepgen.model.backbone import DeepGenBackbone
 from deepgen.model.lora import attach_vlm_lora
@@ -67,6 +69,7 @@ class StageModule(L.LightningModule):
         """Frozen weights that came from init_from (grpo's bridge and LoRA): checkpoints carry them, so a
         checkpoint is complete on its own and a resumed run needs no init_from."""
         self._dropout_rng = random.Random(seed)
+        self._vae_fingerprint: str | None = None
         # Checkpoints hold only the trainable weights; on_load_checkpoint checks the key set itself.
         self.strict_loading = False
         if stage_cfg is not None:
@@ -177,15 +180,37 @@ class StageModule(L.LightningModule):
         return ["" if self._dropout_rng.random() < p else c for c in captions]
 
     def task_loss(self, batch: dict) -> torch.Tensor:
-        """Flow-matching loss of one micro-batch; editing keeps its text and images (as the original)."""
+        """Flow-matching loss of one micro-batch; editing keeps its text and images (as the original).
+
+        With cached VAE posteriors in the batch (data.vae_latents) the latents are drawn from them instead
+        of encoding the images: the same random draws in the same order, so the same loss.
+        """
         bb = self.backbone
+        cached = batch.get("vae_moments")
+        if cached is not None:
+            self.check_vae_moments(cached)
         if batch["task"] == "t2i":
             cond = bb.condition_t2i(self.drop_captions(batch["captions"]))
-            return bb.flow_loss(cond, batch["images"])
+            return bb.flow_loss(cond, batch["images"], moments=None if cached is None else cached["images"])
         if batch["task"] == "edit":
             cond = bb.condition_edit(batch["instructions"], batch["sources"])
-            return bb.flow_loss(cond, batch["targets"], bb.encode_references(batch["sources"]))
+            if cached is None:
+                return bb.flow_loss(cond, batch["targets"], bb.encode_references(batch["sources"]))
+            refs = bb.sample_references(cached["sources"])
+            return bb.flow_loss(cond, batch["targets"], refs, moments=cached["targets"])
         raise ValueError(f"Unknown task '{batch['task']}' in batch (expected 't2i' or 'edit')")
+
+    def check_vae_moments(self, cached: dict) -> None:
+        """Refuse cached posteriors that another VAE made: they would train on wrong latents."""
+        if self._vae_fingerprint is None:  # hashing the VAE's weights takes a moment: once per run
+            self._vae_fingerprint = vae_fingerprint(self.backbone.vae)
+        for fingerprint, url in zip(cached["vae"], cached["shards"], strict=True):
+            if fingerprint != self._vae_fingerprint:
+                hint = latents_hint(url, cached["image_size"], cached["size_unit"], self.model_cfg.dit_path)
+                raise LatentCacheError(
+                    f"the VAE latents cached in {url} were made by VAE {fingerprint}, but this model's VAE "
+                    f"({self.model_cfg.dit_path}/vae) is {self._vae_fingerprint}; {hint}"
+                )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.task_loss(batch)

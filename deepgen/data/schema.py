@@ -23,6 +23,15 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 SOURCE_MEMBER = re.compile(r"^src(\d*)\.(png|jpg|jpeg|webp)$")
 TARGET_MEMBER = re.compile(r"^tgt\.(png|jpg|jpeg|webp)$")
 
+LATENT_SUFFIX = "latent.npy"
+"""Optional cached VAE posterior of an image member (``python convert.py latents``): ``latent.npy`` for a
+T2I sample's image, ``src.latent.npy``, ``src1.latent.npy``, ``tgt.latent.npy`` for an edit's images.
+A float16 ``[2C, h, w]`` array: the posterior's mean then its log-variance on the channel axis (what
+diffusers' ``latent_dist.parameters`` holds), of the image after the reader's fix-pixels resize."""
+LATENT_RECORD = "vae_latents"
+"""json field of a sample with cached latents: ``{"vae": fingerprint, "image_size": int, "size_unit": int}``,
+the VAE that made them and the resize they were made at."""
+
 
 class SchemaError(ValueError):
     """A sample that does not follow the shard schema (the message says which field)."""
@@ -63,3 +72,9 @@ def target_member(names: list[str]) -> str | None:
 def image_member(names: list[str]) -> str | None:
     """The image member of a T2I sample (png, jpg, jpeg or webp)."""
     return next((n for n in names if n in IMAGE_EXTENSIONS), None)
+
+
+def latent_member(image: str) -> str:
+    """The member holding the cached VAE posterior of image member `image` ("png", "src1.jpg", ...)."""
+    stem = image.rsplit(".", 1)[0] if "." in image else ""
+    return f"{stem}.{LATENT_SUFFIX}" if stem else LATENT_SUFFIX

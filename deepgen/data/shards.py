@@ -7,6 +7,12 @@ Batch formats (images are float32 in [-1, 1], CHW, resized with the fix-pixels r
     edit: {"task": "edit", "sources": [[Tensor[3, h, w], ...]] * B, "targets": [B, 3, H, W],
            "instructions": [str] * B, "specs": [dict] * B (the sample's whole json), ...same extras}
 
+With ``data.vae_latents`` a batch also carries the cached VAE posteriors (float16, ``[2C, h, w]`` per
+image: mean then log-variance) and where they came from, so the model can check its VAE made them:
+
+    "vae_moments": {"images" (t2i) | "targets" (edit): [B, 2C, h, w], "sources" (edit): [[Tensor]] * B,
+                    "vae": [VAE fingerprint] * B, "shards": [shard url] * B, "image_size", "size_unit"}
+
 Per task and per (rank, DataLoader worker), one deterministic pipeline:
 
     raw samples of each dataset (split by node and worker, seeded shuffle, optionally resampled)
@@ -31,13 +37,22 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
 from deepgen.config import DataConfig
 from deepgen.data.resolution import decode_fix_pixels, fix_pixels_size
-from deepgen.data.schema import SchemaError, check_meta, image_member, source_members, target_member
+from deepgen.data.schema import (
+    LATENT_RECORD,
+    SchemaError,
+    check_meta,
+    image_member,
+    latent_member,
+    source_members,
+    target_member,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +63,19 @@ WARNINGS_PER_REASON = 20
 
 class BadDataError(RuntimeError):
     """Too many bad samples in one shard: probably a broken shard or a wrong layout, not noise."""
+
+
+class LatentCacheError(RuntimeError):
+    """data.vae_latents is on but a shard has no usable cache (none, another resize, another VAE)."""
+
+
+def latents_hint(url: str, image_size: int, size_unit: int, vae: str = "<model.dit_path>") -> str:
+    """The command that (re)makes the cache of the shard folder of `url`, for error messages."""
+    folder = url if "://" in url or url.startswith("pipe:") else str(Path(url).parent)
+    return (
+        f"run `python convert.py latents --shards {folder} --vae {vae} --image-size {image_size} "
+        f"--size-unit {size_unit}`, or set data.vae_latents=false"
+    )
 
 
 @dataclass
@@ -74,6 +102,7 @@ class ReadOptions:
     min_side: int
     max_bad_fraction: float
     bad_check_min_samples: int
+    vae_latents: bool = False
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> ReadOptions:
@@ -249,6 +278,8 @@ class Pending:
     meta: dict
     images: dict[str, bytes]  # member -> bytes; for edits the sources in order, then the target last
     sizes: list[tuple[int, int]]  # fix-pixels size of each image, in the same order
+    latents: list[bytes] | None = None
+    """With data.vae_latents: each image's cached posterior (.npy bytes), in the same order."""
 
     @property
     def size(self) -> tuple[int, int]:
@@ -259,6 +290,46 @@ class Pending:
 def _header_size(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as img:  # reads the header only
         return img.size
+
+
+def _npy_shape(data: bytes) -> tuple[int, ...]:
+    """The shape in a .npy header (the array is not read)."""
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(buf)[0]
+
+
+def _cached_latents(
+    sample: dict, meta: dict, members: list[str], sizes: list[tuple[int, int]], opts: ReadOptions
+) -> list[bytes]:
+    """The .npy bytes of each image's cached posterior. A shard made without a cache, or for another
+    resize, is a setting to fix (LatentCacheError); a missing or malformed member is a bad sample (ValueError)."""
+    url = sample.get("__url__", "?")
+    record = meta.get(LATENT_RECORD)
+    if not isinstance(record, dict):
+        raise LatentCacheError(
+            f"data.vae_latents=true but sample {sample.get('__key__')} of {url} has no cached VAE latents; "
+            + latents_hint(url, opts.image_size, opts.unit)
+        )
+    made_at = (record.get("image_size"), record.get("size_unit"))
+    if made_at != (opts.image_size, opts.unit):
+        raise LatentCacheError(
+            f"the VAE latents cached in {url} were made at image_size={made_at[0]}, size_unit={made_at[1]}, "
+            f"but this run has data.image_size={opts.image_size}, data.size_unit={opts.unit}; "
+            + latents_hint(url, opts.image_size, opts.unit)
+        )
+    latents = []
+    for member, (width, height) in zip(members, sizes, strict=True):
+        name = latent_member(member)
+        if name not in sample:
+            raise ValueError(f"no {name}")
+        shape = _npy_shape(sample[name])
+        # The posterior of a width x height image: [2C, height / f, width / f] for the VAE's factor f.
+        if len(shape) != 3 or not shape[1] or height * shape[2] != width * shape[1] or height % shape[1]:
+            raise ValueError(f"{name} has shape {shape}, not that of a {width}x{height} image's posterior")
+        latents.append(sample[name])
+    return latents
 
 
 def _parse(sample: dict, task: str, opts: ReadOptions, health: DataHealth) -> Pending | None:
@@ -302,8 +373,15 @@ def _parse(sample: dict, task: str, opts: ReadOptions, health: DataHealth) -> Pe
             health.skip(url, key, "bad_size", f"{member} is {width}x{height}")
             return None
         sizes.append(fix_pixels_size(width, height, opts.image_size, opts.unit))
+    latents = None
+    if opts.vae_latents:
+        try:
+            latents = _cached_latents(sample, meta, members, sizes, opts)
+        except ValueError as exn:  # numpy's header errors are ValueErrors too
+            health.skip(url, key, "bad_latent", exn)
+            return None
     images = {m: sample[m] for m in members}
-    return Pending(key, url, sample.get("__dataset__", "?"), meta, images, sizes)
+    return Pending(key, url, sample.get("__dataset__", "?"), meta, images, sizes, latents)
 
 
 def _groups(items: Iterator[Pending], batch_size: int, bucketing: bool) -> Iterator[list[Pending]]:
@@ -325,9 +403,13 @@ def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().div_(127.5).sub_(1.0)
 
 
+def _load_moments(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+
+
 def _collate(group: list[Pending], task: str, opts: ReadOptions, health: DataHealth) -> dict | None:
     """Decode and resize a group's images (source images of an edit each to its own fix-pixels size)."""
-    items = []
+    items, moments = [], []
     for p in group:
         try:
             images = [
@@ -337,6 +419,12 @@ def _collate(group: list[Pending], task: str, opts: ReadOptions, health: DataHea
         except Exception as exn:  # truncated or corrupt pixel data behind a valid header
             health.skip(p.url, p.key, "bad_image", exn)
             continue
+        if p.latents is not None:
+            try:
+                moments.append([_load_moments(data) for data in p.latents])
+            except ValueError as exn:  # a .npy header that promises more data than there is
+                health.skip(p.url, p.key, "bad_latent", exn)
+                continue
         items.append((p, images))
     if not items:
         return None
@@ -360,6 +448,19 @@ def _collate(group: list[Pending], task: str, opts: ReadOptions, health: DataHea
         batch["targets"] = torch.stack([images[-1] for _, images in items])
         batch["instructions"] = [p.meta["instruction"] for p, _ in items]
         batch["specs"] = [p.meta for p, _ in items]
+    if opts.vae_latents:
+        cached = {
+            "vae": [p.meta[LATENT_RECORD].get("vae") for p, _ in items],
+            "shards": [p.url for p, _ in items],
+            "image_size": opts.image_size,
+            "size_unit": opts.unit,
+        }
+        if task == "t2i":
+            cached["images"] = torch.stack([m[0] for m in moments])
+        else:
+            cached["sources"] = [m[:-1] for m in moments]
+            cached["targets"] = torch.stack([m[-1] for m in moments])
+        batch["vae_moments"] = cached
     return batch
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import Tensor, nn
 
 from deepgen.config import ModelConfig
@@ -169,6 +170,17 @@ class DeepGenBackbone(nn.Module):
         return (z - self._vae_shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
+    def sample_latents(self, moments: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``encode_images`` from a cached VAE posterior ``[B, 2C, h, w]`` (mean, then log-variance; what
+        ``vae.encode(x).latent_dist.parameters`` holds) instead of the pixels: the encoder does not run.
+
+        ``z = mean + exp(logvar / 2) * eps`` through diffusers' own distribution class, so it draws the same
+        random numbers as ``encode_images`` and gives the same latent, up to the cache's float16.
+        """
+        z = DiagonalGaussianDistribution(moments.to(self.device, self.vae.dtype)).sample(generator)
+        return (z - self._vae_shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Normalised latents -> pixels in [-1, 1]."""
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self._vae_shift
@@ -185,6 +197,10 @@ class DeepGenBackbone(nn.Module):
 
     def encode_references(self, references: list[list[Tensor]]) -> list[list[Tensor]]:
         return [[self.encode_images(r[None])[0] for r in refs] for refs in references]
+
+    def sample_references(self, moments: list[list[Tensor]]) -> list[list[Tensor]]:
+        """``encode_references`` from cached posteriors ``[2C, h, w]``: the same draws in the same order."""
+        return [[self.sample_latents(m[None])[0] for m in refs] for refs in moments]
 
     # ------------------------------------------------------------------------------ diffusion
     def velocity(
@@ -214,9 +230,14 @@ class DeepGenBackbone(nn.Module):
         targets: Tensor,
         ref_latents: list[list[Tensor]] | None = None,
         generator: torch.Generator | None = None,
+        moments: Tensor | None = None,
     ) -> Tensor:
-        """Flow-matching loss on target images ``[B, 3, H, W]`` in [-1, 1]."""
-        x0 = self.encode_images(targets, generator)
+        """Flow-matching loss on target images ``[B, 3, H, W]`` in [-1, 1]; with ``moments``, their cached VAE
+        posterior ``[B, 2C, h, w]``, the latents are drawn from it and the VAE encoder does not run."""
+        if moments is None:
+            x0 = self.encode_images(targets, generator)
+        else:
+            x0 = self.sample_latents(moments, generator)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         sigma = sample_train_sigmas(self.train_sigmas, x0.shape[0], generator)
         return flow_matching_loss(

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BUILDER_VERSION = 3  # 2: VLM initializer_range 0.15 and causal-LM pretraining; 3: VAE fit 800 steps at lr 2e-3
+# 2: VLM initializer_range 0.15 and causal-LM pretraining; 3: VAE fit 800 steps at lr 2e-3
+BUILDER_VERSION = 3
 SEED = 1234
 
 VLM_SUBDIR = "qwen2_5_vl"
