@@ -1,6 +1,7 @@
 """Cached VAE latents in the shards: what is stored, how the reader checks it, and the CLI that makes it."""
 
 import copy
+import importlib
 import io
 import json
 import tarfile
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import convert
 from deepgen.config import DataConfig
 from deepgen.data.latents import add_vae_latents, load_vae, read_samples, vae_fingerprint
 from deepgen.data.schema import LATENT_RECORD
@@ -24,6 +24,11 @@ from deepgen.data.shards import (
 )
 from deepgen.data.tiny_world import write_tiny_world_shards
 from deepgen.data.writer import MANIFEST_NAME, write_shard
+from tests.conftest import ROOT
+
+with pytest.MonkeyPatch.context() as _patch:  # convert.py is an entry point at the repository root
+    _patch.syspath_prepend(str(ROOT))
+    convert = importlib.import_module("convert")
 
 SIZE = 64
 PLAIN = replace(
