@@ -30,16 +30,21 @@ def tiny_zoo(tmp_path_factory):
     )
 
 
-@pytest.fixture
-def tiny_model_cfg(tiny_zoo) -> ModelConfig:
-    torch.manual_seed(0)
+def tiny_model_config(zoo) -> ModelConfig:
+    """The tests' model: the tiny zoo with 4 think tokens and a one-layer bridge."""
     return ModelConfig(
         name="tiny",
-        vlm_path=str(tiny_zoo.vlm_dir),
-        dit_path=str(tiny_zoo.dit_dir),
+        vlm_path=str(zoo.vlm_dir),
+        dit_path=str(zoo.dit_dir),
         num_think_tokens=4,
         bridge=BridgeConfig(num_layers=1, num_heads=4, intermediate_size=64),
     )
+
+
+@pytest.fixture
+def tiny_model_cfg(tiny_zoo) -> ModelConfig:
+    torch.manual_seed(0)
+    return tiny_model_config(tiny_zoo)
 
 
 # Runs train.py with a signal sent to itself from inside training step `kill_at` (argv: kill_at signal args...).
@@ -105,13 +110,7 @@ def tiny_sft_run(tiny_zoo, tmp_path_factory):
     from stages.sft import JointSFTModule
 
     torch.manual_seed(0)
-    model_cfg = ModelConfig(
-        name="tiny",
-        vlm_path=str(tiny_zoo.vlm_dir),
-        dit_path=str(tiny_zoo.dit_dir),
-        num_think_tokens=4,
-        bridge=BridgeConfig(num_layers=1, num_heads=4, intermediate_size=64),
-    )
+    model_cfg = tiny_model_config(tiny_zoo)
     lora = LoraConfig(rank=4, alpha=8)
     module = JointSFTModule(model_cfg, StageConfig(name="sft", train_dit=True, lora=lora), max_steps=1)
     module.configure_model()

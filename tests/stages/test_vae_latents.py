@@ -6,11 +6,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from deepgen.config import BridgeConfig, DataConfig, ModelConfig, StageConfig
+from deepgen.config import DataConfig, StageConfig
 from deepgen.data.latents import add_vae_latents, vae_fingerprint
 from deepgen.data.shards import LatentCacheError, ReadOptions, edit_batches, shard_urls, t2i_batches
 from deepgen.data.tiny_world import write_tiny_world_shards
 from stages.sft import JointSFTModule
+from tests.conftest import tiny_model_config
 
 OPTS = replace(
     ReadOptions.from_config(DataConfig(name="t", shards_dir="-", image_size=64, shuffle_buffer=0)),
@@ -22,13 +23,7 @@ OPTS = replace(
 @pytest.fixture(scope="module")
 def module(tiny_zoo):
     torch.manual_seed(0)
-    model_cfg = ModelConfig(
-        name="tiny",
-        vlm_path=str(tiny_zoo.vlm_dir),
-        dit_path=str(tiny_zoo.dit_dir),
-        num_think_tokens=4,
-        bridge=BridgeConfig(num_layers=1, num_heads=4, intermediate_size=64),
-    )
+    model_cfg = tiny_model_config(tiny_zoo)
     module = JointSFTModule(model_cfg, StageConfig(name="sft", train_dit=True, cfg_dropout=0.0), max_steps=1)
     module.configure_model()
     return module
