@@ -96,7 +96,8 @@ def cache_latents(args: argparse.Namespace, shards: str) -> int:
     """Add the VAE latents of `args.vae` to the shards in `shards`; print the report."""
     import torch
 
-    from deepgen.data.latents import add_vae_latents, load_vae
+    from deepgen.data.latents import add_vae_latents
+    from deepgen.model.loading import load_vae
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -666,34 +666,26 @@ def plain_grpo_update(s: Settings) -> tuple[Step, int]:
 
 # ------------------------------------------------------------------------------------- the suite
 Prepare = Callable[[Settings], tuple[Step, int]]
+TRAIN_STEPS = {  # name -> (stage, task); edit steps have one reference image per sample
+    "train_align": ("align", "t2i"),
+    "train_align_edit": ("align", "edit"),
+    "train_sft_t2i": ("sft", "t2i"),
+    "train_sft_edit": ("sft", "edit"),
+}
 
 
 def measurements(s: Settings) -> dict[str, tuple[dict, Prepare, Prepare]]:
     """name -> (workload description, ours, plain), in the order they run. Workloads with ``steps``
     (sampling, RL) take seconds a step: one warm-up and --long-iters timed steps."""
     train = {"px": s.size, "batch": s.batch, "prompt_tokens": s.prompt_tokens}
-    out: dict[str, tuple[dict, Prepare, Prepare]] = {
-        "train_align": (
-            {**train, "stage": "align", "task": "t2i"},
-            lambda s: ours_train(s, "align", "t2i"),
-            lambda s: plain_train(s, "align", "t2i"),
-        ),
-        "train_align_edit": (
-            {**train, "stage": "align", "task": "edit", "references": 1},
-            lambda s: ours_train(s, "align", "edit"),
-            lambda s: plain_train(s, "align", "edit"),
-        ),
-        "train_sft_t2i": (
-            {**train, "stage": "sft", "task": "t2i"},
-            lambda s: ours_train(s, "sft", "t2i"),
-            lambda s: plain_train(s, "sft", "t2i"),
-        ),
-        "train_sft_edit": (
-            {**train, "stage": "sft", "task": "edit", "references": 1},
-            lambda s: ours_train(s, "sft", "edit"),
-            lambda s: plain_train(s, "sft", "edit"),
-        ),
-    }
+    out: dict[str, tuple[dict, Prepare, Prepare]] = {}
+    for name, (stage, task) in TRAIN_STEPS.items():
+        workload = {**train, "stage": stage, "task": task, **({"references": 1} if task == "edit" else {})}
+        out[name] = (
+            workload,
+            lambda s, stage=stage, task=task: ours_train(s, stage, task),
+            lambda s, stage=stage, task=task: plain_train(s, stage, task),
+        )
     for px in s.sample_sizes:
         out[f"sample_cfg_{px}"] = (
             {"px": px, "batch": 1, "steps": s.steps, "cfg_scale": CFG_SCALE},

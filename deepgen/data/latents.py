@@ -60,19 +60,6 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()[:FINGERPRINT_CHARS]
 
 
-def load_vae(dit_dir: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The VAE of an SD3 folder (``model.dit_path``: ``vae/`` in the diffusers layout), in float32 as training loads it."""
-    from diffusers import AutoencoderKL
-
-    from deepgen.model.loading import DIT_LAYOUT, ModelLayoutError
-
-    dit_dir = Path(dit_dir)
-    if not (dit_dir / "vae" / "config.json").is_file():
-        raise ModelLayoutError(f"Model directory {dit_dir} has no vae/config.json: expected {DIT_LAYOUT}")
-    vae = AutoencoderKL.from_pretrained(dit_dir, subfolder="vae", torch_dtype=torch.float32)
-    return vae.to(device).eval().requires_grad_(False)
-
-
 def _moments_bytes(moments: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     np.save(buf, moments.to("cpu", torch.float16).numpy(), allow_pickle=False)

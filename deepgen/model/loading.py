@@ -148,10 +148,19 @@ def load_diffusion(
     else:
         transformer = DeepGenSD3Transformer.from_pretrained(
             dit_dir, subfolder="transformer", torch_dtype=dtype
-        )
-        vae = AutoencoderKL.from_pretrained(dit_dir, subfolder="vae", torch_dtype=dtype)
-        transformer, vae = transformer.to(device), vae.to(device)
+        ).to(device)
+        vae = load_vae(dit_dir, device=device, dtype=dtype)
     return DiffusionParts(transformer, vae.eval(), scheduler)
+
+
+def load_vae(
+    dit_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> AutoencoderKL:
+    """The VAE of an SD3 folder alone (``vae/``), in eval mode: what caching latents needs, without the DiT."""
+    dit_dir = Path(dit_dir)
+    if not (dit_dir / "vae" / "config.json").is_file():
+        raise ModelLayoutError(f"Model directory {dit_dir} has no vae/config.json: expected {DIT_LAYOUT}")
+    return AutoencoderKL.from_pretrained(dit_dir, subfolder="vae", torch_dtype=dtype).to(device).eval()
 
 
 def build_vlm_on_meta(config: Qwen2_5_VLConfig) -> Qwen2_5_VLForConditionalGeneration:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deepgen.config import DataConfig
-from deepgen.data.latents import add_vae_latents, load_vae, read_samples, vae_fingerprint
+from deepgen.data.latents import add_vae_latents, read_samples, vae_fingerprint
 from deepgen.data.schema import LATENT_RECORD
 from deepgen.data.shards import (
     DataHealth,
@@ -24,6 +24,7 @@ from deepgen.data.shards import (
 )
 from deepgen.data.tiny_world import write_tiny_world_shards
 from deepgen.data.writer import MANIFEST_NAME, write_shard
+from deepgen.model.loading import load_vae
 from tests.conftest import ROOT
 
 with pytest.MonkeyPatch.context() as _patch:  # convert.py is an entry point at the repository root
