@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from deepgen.cli import add_checkpoint_arguments, load_model_from_args, positive_int
+from deepgen.cli import add_checkpoint_arguments, add_compile_argument, load_model_from_args, positive_int
 from deepgen.eval.benchmark import (
     CATEGORIES,
     EvalSettings,
@@ -52,6 +52,7 @@ from deepgen.model.loading import ModelLayoutError
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_checkpoint_arguments(p)
+    add_compile_argument(p)
     p.add_argument(
         "--eval-dir", default="data/shards/tiny_world/eval", help="folder of <task>_<category>.jsonl"
     )

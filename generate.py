@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from deepgen.cli import add_checkpoint_arguments, load_model_from_args, positive_int
+from deepgen.cli import add_checkpoint_arguments, add_compile_argument, load_model_from_args, positive_int
 from deepgen.images import tile_rows, to_uint8
 from deepgen.inference import (
     default_negative_prompt,
@@ -38,6 +38,7 @@ from deepgen.model.loading import ModelLayoutError
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_checkpoint_arguments(p)
+    add_compile_argument(p)
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt or edit instruction (repeatable)")
     prompts.add_argument("--prompt-file", help=".txt (one prompt a line) or .jsonl (prompt/caption field)")

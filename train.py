@@ -87,6 +87,11 @@ def main(cfg: DictConfig) -> None:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     if run.stage.name not in STAGES:
         raise ValueError(f"stage={run.stage.name} is not available; choose one of {sorted(STAGES)}")
+    if run.hardware.compile_sampling and run.hardware.strategy == "fsdp2":
+        raise ValueError(
+            "hardware.compile_sampling=true needs an unsharded model (CUDA graphs of one GPU): "
+            "set it false with hardware.strategy=fsdp2"
+        )
     if run.hardware.torch_threads:
         torch.set_num_threads(run.hardware.torch_threads)
     L.seed_everything(run.seed, workers=True)
@@ -109,6 +114,8 @@ def main(cfg: DictConfig) -> None:
     module.configure_model()
     if run.hardware.compile and run.hardware.strategy != "fsdp2":  # fsdp2 compiles while sharding
         compile_blocks(module.backbone)
+    if run.hardware.compile_sampling:
+        module.backbone.compile_sampling()
     log.info(f"Run folder: {run_dir}\nParameters:\n{module.describe_parameters()}")
     if resume:
         log.info(f"Resuming from {resume}")

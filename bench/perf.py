@@ -281,9 +281,16 @@ def our_stage(s: Settings, stage: str, stage_cfg: StageConfig | None = None, **k
     return bb, module, optimizer, fabric
 
 
-def fast_path(s: Settings, bb: DeepGenBackbone) -> list[Compile]:
-    """Our side's compile step, as ``hardware.compile`` applies it (stages/parallel.py), if on."""
-    return [lambda: compile_blocks(bb)] if s.compile else []
+def fast_path(s: Settings, bb: DeepGenBackbone, sampling: bool = False) -> list[Compile]:
+    """Our side's compile step as the gpu config applies it, if on: ``hardware.compile`` (compile_blocks)
+    and, for sampling and rollouts, ``hardware.compile_sampling`` (one CUDA-graphed denoising step)."""
+
+    def compile() -> None:
+        compile_blocks(bb)
+        if sampling:
+            bb.compile_sampling()
+
+    return [compile] if s.compile else []
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
@@ -327,7 +334,7 @@ def ours_sample(s: Settings, size: int) -> tuple[Step, int]:
             cond, uncond = bb.encode_prompts(prompt), bb.encode_prompts(negative)
             bb.sample(cond, uncond, size, size, num_steps=s.steps, cfg_scale=CFG_SCALE, generator=generator)
 
-    return step, 1, *fast_path(s, bb)
+    return step, 1, *fast_path(s, bb, sampling=True)
 
 
 def grpo_stage_config(s: Settings, prompt_file: Path) -> StageConfig:
@@ -374,7 +381,7 @@ def ours_grpo_rollout(s: Settings) -> tuple[Step, int]:
     return (
         (lambda: our_rollout(bb, module, fabric, prompts, x, sigmas, generator)),
         x.shape[0],
-        *fast_path(s, bb),
+        *fast_path(s, bb, sampling=True),
     )
 
 
@@ -816,12 +823,18 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, list[str], Path]:
     return s, a.only, a.out
 
 
-NUMERICS_RTOL = {"loss": 1e-2, "grad": 5e-2}  # bf16 keeps 8 bits of mantissa; fused kernels reorder sums
+NUMERICS_RTOL = {
+    "loss": 1e-2,
+    "grad": 5e-2,
+    "velocity": 2e-2,
+}  # bf16: 8 bits of mantissa; fused kernels reorder sums
 
 
 def compile_numerics(s: Settings) -> dict:
     """The fast path keeps the numbers: one SFT T2I loss and the DiT output layer's gradient, eager and
-    then with compiled blocks, on the same inputs and noise; relative differences against NUMERICS_RTOL."""
+    then with compiled blocks, on the same inputs and noise, and one guided (CFG) sampling velocity, eager
+    and then through the compiled sampling step (its third call: CUDA graphs record on an early call and
+    replay after); relative differences against NUMERICS_RTOL."""
     bb, _module, _optimizer, fabric = our_stage(s, "sft")
     prompts = synthetic_prompts(s.arch, bb.vision, s.batch, s.prompt_tokens, bb.cfg.num_think_tokens)
     targets = random_images(s.batch, s.size, s.dev, s.seed)
@@ -835,12 +848,28 @@ def compile_numerics(s: Settings) -> dict:
         bb.zero_grad(set_to_none=True)
         return loss.item(), grad
 
-    loss, grad = loss_and_grad()
+    think = bb.cfg.num_think_tokens
+    prompt = synthetic_prompts(s.arch, bb.vision, 1, s.prompt_tokens, think, seed=s.seed)
+    negative = synthetic_prompts(s.arch, bb.vision, 1, UNCOND_TEXT_TOKENS, think, seed=s.seed + 1)
+    noise_gen = torch.Generator(device=s.dev).manual_seed(s.seed)
+    x = torch.randn((1, *bb.latent_shape(s.size, s.size)), generator=noise_gen, device=s.dev)
+    sigma = torch.tensor(0.7, device=s.dev)
+
+    @torch.no_grad()
+    def velocity() -> Tensor:
+        with fabric.autocast():
+            cond, uncond = bb.encode_prompts(prompt), bb.encode_prompts(negative)
+            return bb.guided_velocity_fn(cond, uncond, CFG_SCALE)(x, sigma).float().clone()
+
+    loss, grad, v = *loss_and_grad(), velocity()
     compile_blocks(bb)
     fast_loss, fast_grad = loss_and_grad()
+    bb.compile_sampling()
+    fast_v = [velocity() for _ in range(3)][-1]
     diff = {
         "loss": abs(fast_loss - loss) / abs(loss),
         "grad": ((fast_grad - grad).norm() / grad.norm()).item(),
+        "velocity": ((fast_v - v).norm() / v.norm()).item(),
     }
     return {
         "loss_eager": loss,

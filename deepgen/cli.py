@@ -45,9 +45,19 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
 
 
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    """--compile for the sampling CLIs; :func:`load_model_from_args` applies it."""
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run each denoising step as one compiled graph, replayed as a CUDA graph on a GPU: faster "
+        "when sampling many images; the first images wait for compilation (about a minute)",
+    )
+
+
 def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
-    """The model named by the arguments of :func:`add_checkpoint_arguments`."""
-    return load_model(
+    """The model named by the arguments of :func:`add_checkpoint_arguments` (and --compile, if added)."""
+    loaded = load_model(
         args.checkpoint,
         vlm_path=args.vlm_path,
         dit_path=args.dit_path,
@@ -55,3 +65,6 @@ def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
         device=args.device,
         dtype=DTYPES.get(args.dtype),
     )
+    if getattr(args, "compile", False):
+        loaded.backbone.compile_sampling()
+    return loaded

@@ -333,6 +333,10 @@ class HardwareConfig:
     """``torch.compile`` each VLM decoder layer, connector layer and DiT block on its own
     (stages/parallel.py compile_blocks); on in the GPU configs. The first steps are slower while
     the blocks compile."""
+    compile_sampling: bool = False
+    """Sampling (sample grids, validation, RL evaluation) and RL rollouts run each denoising step as one
+    compiled graph, replayed as a CUDA graph (DeepGenBackbone.compile_sampling); on in the one-GPU config.
+    Unsharded models only (strategy fsdp2 refuses it). Each new batch or image size compiles once."""
     reshard_after_forward: bool = True
     """fsdp2: free gathered block weights after forward and gather them again in backward (False:
     more memory, less communication)."""

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from deepgen.config import GRPOConfig, ModelConfig, StageConfig
-from deepgen.diffusion.sampling import guided_velocity
 from deepgen.diffusion.schedule import inference_sigmas
 from deepgen.diffusion.sde import sde_rollout, sde_step, velocity_kl
 from deepgen.images import tile_rows, to_uint8
@@ -209,18 +208,7 @@ class MRGRPOModule(StageModule):
     # ---------------------------------------------------------------------------------- sampling
     def velocity_fn(self, cond: Conditioning, uncond: Conditioning | None, dit: nn.Module | None = None):
         """``(x, sigma) -> v`` for one chunk: conditional only, or CFG when ``uncond`` is given."""
-        bb = self.backbone
-        scale = self.grpo.cfg_scale
-
-        def velocity(x: Tensor, sigma: Tensor) -> Tensor:
-            b = x.shape[0]
-            s = sigma.to(bb.device).expand(b)
-            if uncond is None:
-                return bb.velocity(x, s, cond, dit=dit)
-            v = bb.velocity(torch.cat([x, x]), torch.cat([s, s]), cond.cat(uncond), dit=dit)
-            return guided_velocity(v[:b], v[b:], scale)
-
-        return velocity
+        return self.backbone.guided_velocity_fn(cond, uncond, self.grpo.cfg_scale, dit=dit)
 
     @torch.no_grad()
     def rollout(

@@ -3,6 +3,7 @@ sampled with 2 steps (tests need files, metadata and determinism, not image qual
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shutil
@@ -16,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from deepgen.cli import add_checkpoint_arguments, add_compile_argument, load_model_from_args
 from deepgen.data.resolution import fix_pixels_size
 from deepgen.images import to_uint8
 from deepgen.inference import EDIT_NEGATIVE_PROMPT, generate_images, load_model
@@ -89,6 +91,31 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert str(missing) in result.stderr
+
+
+def test_compile_flag_compiles_the_sampling_step(tiny_sft_run, monkeypatch):
+    """--compile (generate.py, evaluate.py): the same images through the compiled denoising step
+    (traced with aot_eager: inductor's kernels take minutes to build on CPU)."""
+    compile_sampling = DeepGenBackbone.compile_sampling
+    compiled = []
+
+    def trace(bb):
+        compiled.append(bb)
+        compile_sampling(bb, backend="aot_eager", mode=None)
+
+    monkeypatch.setattr(DeepGenBackbone, "compile_sampling", trace)
+    parser = argparse.ArgumentParser()
+    add_checkpoint_arguments(parser)
+    add_compile_argument(parser)
+    ckpt, _, _ = tiny_sft_run
+    images = []
+    for flags in ([], ["--compile"]):
+        bb = load_model_from_args(
+            parser.parse_args(["--checkpoint", str(ckpt), "--device", "cpu", *flags])
+        ).backbone
+        images.append(generate_images(bb, "a red circle", width=64, height=64, num_steps=2, seed=3))
+    assert len(compiled) == 1 and compiled[0] is bb
+    torch.testing.assert_close(images[1], images[0], atol=1e-5, rtol=1e-5)
 
 
 def test_load_model_copies_weights_and_rejects_another_lora_rank(tiny_sft_run, tmp_path):

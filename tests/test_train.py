@@ -35,6 +35,14 @@ def test_train_cli_runs_logs_samples_and_checkpoints(train_cli, tmp_path):
     assert f"Run folder: {run_dir}" in log and "train/loss: mean of first" in log
 
 
+def test_compiled_sampling_refuses_a_sharded_model(train_cli, tmp_path):
+    result = train_cli(
+        "hardware.strategy=fsdp2", "hardware.compile_sampling=true", f"hydra.run.dir={tmp_path}"
+    )
+    assert result.returncode != 0
+    assert "hardware.compile_sampling=true needs an unsharded model" in result.stderr
+
+
 def test_mistyped_override_fails_with_the_key_name():
     result = subprocess.run(
         [sys.executable, "train.py", "trainer.max_stepz=1"],

@@ -7,6 +7,8 @@ by the stage, not here.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +52,16 @@ class Conditioning:
             raise ValueError("Cannot batch conditionings of different lengths without a padding mask")
         return Conditioning(torch.cat(seqs), torch.cat([self.pooled, other.pooled]), mask)
 
+    def padded(self, multiple: int) -> Conditioning:
+        """Left-padded with masked tokens to a multiple of ``multiple`` tokens (unchanged without a mask:
+        unmasked padding would change the result)."""
+        length = self.seq.shape[1]
+        pad = math.ceil(length / multiple) * multiple - length
+        if self.mask is None or pad == 0:
+            return self
+        seq = nn.functional.pad(self.seq, (0, 0, pad, 0))
+        return Conditioning(seq, self.pooled, nn.functional.pad(self.mask, (pad, 0), value=False))
+
 
 class DeepGenBackbone(nn.Module):
     def __init__(self, vlm: VLMParts, diffusion: DiffusionParts, cfg: ModelConfig) -> None:
@@ -79,6 +91,8 @@ class DeepGenBackbone(nn.Module):
         )
         self.vae.requires_grad_(False)
         self.register_buffer("train_sigmas", train_sigma_table(self.scheduler), persistent=False)
+        self._compiled_velocity: Callable[..., Tensor] | None = None  # set by compile_sampling
+        self._pad_multiple = 1
 
     @classmethod
     def from_pretrained_dirs(
@@ -260,12 +274,75 @@ class DeepGenBackbone(nn.Module):
         """Euler ODE sampling with CFG; returns pixels ``[B, 3, height, width]`` in [-1, 1]."""
         batch = cond.pooled.shape[0]
         x = torch.randn((batch, *self.latent_shape(height, width)), generator=generator, device=self.device)
-        both = cond.cat(uncond)
-        refs = ref_latents + ref_latents if ref_latents is not None else None
-
-        def velocity(x: Tensor, sigma: Tensor) -> Tensor:
-            v = self.velocity(torch.cat([x, x]), sigma.expand(2 * batch).to(self.device), both, refs)
-            return guided_velocity(v[:batch], v[batch:], cfg_scale)
-
+        velocity = self.guided_velocity_fn(cond, uncond, cfg_scale, ref_latents)
         sigmas = inference_sigmas(self.scheduler, num_steps).to(self.device)
         return self.decode_latents(euler_sample(velocity, x, sigmas))
+
+    def guided_velocity_fn(
+        self,
+        cond: Conditioning,
+        uncond: Conditioning | None = None,
+        cfg_scale: float = 1.0,
+        ref_latents: list[list[Tensor]] | None = None,
+        dit: nn.Module | None = None,
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """``(x, sigma) -> v`` for one batch, ``sigma`` 0-d: the conditional velocity, or CFG with ``uncond``.
+
+        Without grad and with the backbone's own DiT, this calls the compiled step of compile_sampling
+        once it has run; with grad (RL updates) or another ``dit`` (the RL reference), the eager one.
+        """
+        scale = None if uncond is None else cfg_scale
+        both = cond if uncond is None else cond.cat(uncond)
+        refs = ref_latents if uncond is None or ref_latents is None else ref_latents + ref_latents
+        compiled = self._compiled_velocity if dit is None else None
+        fixed = both.padded(self._pad_multiple) if compiled is not None else both
+        if fixed.mask is not None and bool(fixed.mask.all()):  # the DiT's check, once rather than per step
+            fixed = Conditioning(fixed.seq, fixed.pooled, None)
+
+        def velocity(x: Tensor, sigma: Tensor) -> Tensor:
+            s = sigma.to(self.device).expand(x.shape[0])
+            if compiled is not None and not torch.is_grad_enabled():
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's output has been used
+                return compiled(x, s, fixed.seq, fixed.pooled, fixed.mask, refs, scale)
+            return self._velocity_step(x, s, both.seq, both.pooled, both.mask, refs, scale, dit)
+
+        return velocity
+
+    def _velocity_step(
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        seq: Tensor,
+        pooled: Tensor,
+        mask: Tensor | None,
+        refs: list[list[Tensor]] | None,
+        scale: float | None,
+        dit: nn.Module | None = None,
+    ) -> Tensor:
+        """One denoising step's velocity from tensors only, so that it compiles as one graph;
+        ``scale`` None: conditional only, else the batch of ``seq`` is conditional then unconditional."""
+        cond = Conditioning(seq, pooled, mask)
+        if scale is None:
+            return self.velocity(x, sigma, cond, refs, dit)
+        v = self.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), cond, refs, dit)
+        return guided_velocity(v[: x.shape[0]], v[x.shape[0] :], scale)
+
+    def compile_sampling(
+        self,
+        backend: str | Callable = "inductor",
+        mode: str | None = "reduce-overhead",
+        pad_multiple: int = 64,
+    ) -> None:
+        """Sampling and RL rollouts call the DiT through one compiled step of fixed shapes.
+
+        At batch 1 sampling is bound by kernel launches; inductor's "reduce-overhead" mode makes each
+        denoising step on CUDA one CUDA-graph replay. Conditionings are left-padded (masked) to a multiple of
+        ``pad_multiple`` tokens, so prompts of other lengths reuse the graph; without a padding mask
+        (``bridge.mask_padding`` false) each new length compiles anew. Each new batch or image size compiles
+        once. ``backend="aot_eager", mode=None`` traces the same graph without generating kernels (CPU tests).
+        """
+        options = {} if mode is None else {"mode": mode}
+        self._compiled_velocity = torch.compile(
+            self._velocity_step, backend=backend, dynamic=False, **options
+        )
+        self._pad_multiple = pad_multiple

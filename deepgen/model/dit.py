@@ -281,9 +281,11 @@ class DeepGenSD3Transformer(SD3Transformer2DModel):
                 hidden_states, image_mask = pack_image_tokens(target, refs)
 
         # An all-valid text mask is dropped so the unmasked SDPA path (identical to stock, flash-capable) is
-        # used; the check costs one host sync per forward.
+        # used; the check costs one host sync per forward, so a compiled caller makes it once, outside.
         text_mask = None
-        if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
+        if encoder_attention_mask is not None and (
+            torch.compiler.is_compiling() or not bool(encoder_attention_mask.all())
+        ):
             text_mask = encoder_attention_mask.to(device=hidden_states.device, dtype=torch.bool)
 
         attn_kwargs = dict(joint_attention_kwargs or {})

@@ -107,29 +107,50 @@ def test_only_runs_the_named_measurements(tmp_path):
 
 def test_our_side_compiles_after_counting_flops(tmp_path, monkeypatch):
     """--compile: our blocks are compiled (traced with aot_eager here; inductor takes minutes on CPU)
-    after the eager FLOP count, so the count matches the uncompiled run's; the numerics check compares
-    a compiled loss and gradient with eager ones."""
+    after the eager FLOP count, so the count matches the uncompiled run's, and sampling and rollouts
+    also compile their denoising step; the numerics check compares a compiled loss, gradient and
+    guided velocity with eager ones."""
+    from deepgen.model.backbone import DeepGenBackbone
     from stages.parallel import compile_blocks
 
-    compiled = []
+    compiled, sampling = [], []
+    compile_sampling = DeepGenBackbone.compile_sampling
 
     def trace(bb):
         compiled.append(bb)
         compile_blocks(bb, backend="aot_eager")
 
+    def trace_sampling(bb):
+        sampling.append(bb)
+        compile_sampling(bb, backend="aot_eager", mode=None)
+
     monkeypatch.setattr(perf_module, "compile_blocks", trace)
-    argv = [*TINY, "--only", "train_sft_t2i", "--batch", "2", "--warmup", "1", "--iters", "1"]
+    monkeypatch.setattr(DeepGenBackbone, "compile_sampling", trace_sampling)
+    argv = [*TINY, "--only", "train_sft_t2i", "sample_cfg", "grpo_rollout", "--batch", "2", "--steps", "2"]
+    argv += [
+        "--sample-sizes",
+        "32",
+        "--rollout-images",
+        "2",
+        "--warmup",
+        "1",
+        "--iters",
+        "1",
+        "--long-iters",
+        "1",
+    ]
     eager_doc = perf([*argv, "--out", str(tmp_path / "eager.json")])
-    eager = eager_doc["results"]["train_sft_t2i"]
-    assert not compiled and not eager["ours"]["compiled"] and "compile_numerics" not in eager_doc
+    assert not compiled and not sampling and "compile_numerics" not in eager_doc
     fast_doc = perf([*argv, "--compile", "--out", str(tmp_path / "fast.json")])
-    fast = fast_doc["results"]["train_sft_t2i"]
-    assert len(compiled) == 2  # the numerics check, then the measurement
-    assert fast["ours"]["compiled"] and not fast["plain"]["compiled"]
-    assert fast["ours"]["flops"] == eager["ours"]["flops"]
+    assert len(compiled) == 4  # the numerics check, then the three measurements
+    assert sampling == [compiled[0], compiled[2], compiled[3]]  # the check, sampling, rollouts
+    for name in ("train_sft_t2i", "sample_cfg_32", "grpo_rollout"):
+        fast, eager = fast_doc["results"][name], eager_doc["results"][name]
+        assert fast["ours"]["compiled"] and not fast["plain"]["compiled"] and not eager["ours"]["compiled"]
+        assert fast["ours"]["flops"] == eager["ours"]["flops"]
     numerics = fast_doc["compile_numerics"]
     assert numerics["ok"] and numerics["loss_eager"] > 0
-    assert numerics["rel_diff"]["loss"] < 1e-5 and numerics["rel_diff"]["grad"] < 1e-4  # fp32, same graphs
+    assert max(numerics["rel_diff"].values()) < 1e-4  # fp32, same graphs
 
 
 def test_largest_fitting_doubles_then_bisects():
