@@ -338,8 +338,9 @@ class DeepGenBackbone(nn.Module):
         At batch 1 sampling is bound by kernel launches; inductor's "reduce-overhead" mode makes each
         denoising step on CUDA one CUDA-graph replay. Conditionings are left-padded (masked) to a multiple of
         ``pad_multiple`` tokens, so prompts of other lengths reuse the graph; without a padding mask
-        (``bridge.mask_padding`` false) each new length compiles anew. Each new batch or image size compiles
-        once. ``backend="aot_eager", mode=None`` traces the same graph without generating kernels (CPU tests).
+        (``bridge.mask_padding`` false) each new length compiles anew. Each new batch or image size, and
+        train/eval mode, compiles once; past torch._dynamo.config.recompile_limit (8) variants, new ones run
+        eagerly. ``backend="aot_eager", mode=None`` traces the same graph without generating kernels (CPU tests).
         """
         options = {} if mode is None else {"mode": mode}
         self._compiled_velocity = torch.compile(
