@@ -216,6 +216,9 @@ class GRPOConfig:
     """Held-out prompt sets scored with ODE sampling and CFG at the start and end of the run."""
     eval_cfg_scale: float = 4.0
     """Guidance of held-out evaluation (original: 4.0)."""
+    eval_rollout_sampler: bool = False
+    """Also score the held-out prompts sampled as the rollouts are (SDE, num_steps, cfg_scale; metrics
+    ``rollout/*``): the reward RL maximises, which ODE sampling need not follow (tiny world: it does not)."""
     eval_num_steps: int = 50
     eval_every_n_steps: int = 0
     """Also evaluate every N steps (0: only at the start and the end)."""

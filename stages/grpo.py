@@ -165,10 +165,16 @@ class MRGRPOModule(StageModule):
             self.run_eval()
         if len(self.eval_history) >= 2 and self.trainer.is_global_zero:
             first, last = min(self.eval_history), max(self.eval_history)
-            start, end = self.eval_history[first]["combined"], self.eval_history[last]["combined"]
+            start, end = self.eval_history[first], self.eval_history[last]
             log.info(
-                f"Held-out reward (CFG {self.grpo.eval_cfg_scale}): step {first} {start:.4f} -> step {last} {end:.4f}"
+                f"Held-out reward (ODE, CFG {self.grpo.eval_cfg_scale}): step {first} {start['combined']:.4f} "
+                f"-> step {last} {end['combined']:.4f}"
             )
+            if "rollout/combined" in end:
+                log.info(
+                    f"Held-out reward (rollout sampler): step {first} {start['rollout/combined']:.4f} "
+                    f"-> step {last} {end['rollout/combined']:.4f}"
+                )
         if self.rewards is not None:
             self.rewards.close()
 
@@ -407,8 +413,10 @@ class MRGRPOModule(StageModule):
 
     # ------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, prompts: list[Prompt]) -> dict[str, float]:
-        """Mean reward on held-out prompts, one image each, ODE sampling with CFG (as the original evaluates)."""
+    def evaluate(self, prompts: list[Prompt], sampler: str = "ode") -> dict[str, float]:
+        """Mean reward on held-out prompts, one image each: "ode" samples as the original evaluates (Euler
+        ODE, ``eval_num_steps``, ``eval_cfg_scale``), "rollout" as the rollouts do (SDE, ``num_steps``,
+        ``cfg_scale``), the sampler whose reward RL maximises."""
         g = self.grpo
         bb = self.backbone
         was_training = self.training
@@ -422,15 +430,18 @@ class MRGRPOModule(StageModule):
             w, h = sizes[idx[0]]
             texts = [prompts[i].text for i in idx]
             gen = torch.Generator(device=bb.device).manual_seed(_seed("eval", self.seed, idx[0]))
-            images = bb.sample(
-                bb.condition_t2i(texts),
-                bb.condition_t2i([""] * len(texts)),
-                h,
-                w,
-                num_steps=g.eval_num_steps,
-                cfg_scale=g.eval_cfg_scale,
-                generator=gen,
-            )
+            cond = bb.condition_t2i(texts)
+            if sampler == "rollout":
+                uncond = bb.condition_t2i([""] * len(texts)) if g.cfg_scale > 1 else None
+                x = torch.randn((len(texts), *bb.latent_shape(h, w)), generator=gen, device=bb.device)
+                sigmas = inference_sigmas(bb.scheduler, g.num_steps).to(bb.device)
+                latents, _ = sde_rollout(self.velocity_fn(cond, uncond), x, sigmas, g.sde, g.eta, gen)
+                images = bb.decode_latents(latents[-1])
+            else:
+                uncond = bb.condition_t2i([""] * len(texts))
+                images = bb.sample(
+                    cond, uncond, h, w, num_steps=g.eval_num_steps, cfg_scale=g.eval_cfg_scale, generator=gen
+                )
             handles.append(self.submit_rewards(prompts, chunk, to_uint8(images)))
             order += idx
         results, _ = self.collect_rewards(prompts, chunks, handles)
@@ -455,6 +466,9 @@ class MRGRPOModule(StageModule):
         step = self.global_step
         start = time.perf_counter()
         metrics = self.evaluate(self.eval_prompts)
+        if self.grpo.eval_rollout_sampler:
+            rollout = self.evaluate(self.eval_prompts, sampler="rollout")
+            metrics.update({f"rollout/{k}": v for k, v in rollout.items()})
         self.eval_history[step] = metrics
         seconds = time.perf_counter() - start
         if self.trainer.is_global_zero:

@@ -103,6 +103,9 @@ def test_benchmark_table_has_one_row_per_model_and_the_shared_categories(tmp_pat
 def test_reward_table_and_loss_windows():
     table = reward_table({"combined": 0.1, "ocr": 0.0, "only_start": 1.0}, {"combined": 0.2, "ocr": 0.5})
     assert table.splitlines()[2:] == ["| combined | 0.100 | 0.200 |", "| ocr | 0.000 | 0.500 |"]
+    start = {"rollout/combined": 0.3, "combined": 0.1, "ocr": 0.0}
+    rows = reward_table(start, {"rollout/combined": 0.4, "combined": 0.2, "ocr": 0.5}).splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| combined", "| ocr", "| rollout/combined"]
     assert first_last_mean([(i, float(i)) for i in range(10)], 3) == (1.0, 8.0)
     assert first_last_mean([(0, 4.0), (1, float("nan")), (2, 2.0)], 5) == (4.0, 2.0)
     assert all(math.isnan(v) for v in first_last_mean([], 3))  # nothing logged

@@ -72,9 +72,16 @@ def benchmark_table(stages: list[StageReport]) -> str:
     return "\n".join(lines) + "\n"
 
 
+ROLLOUT_NOTE = (
+    "Rows without a prefix: images sampled as the original evaluates (Euler ODE with CFG). Rows `rollout/`: "
+    "sampled as the RL rollouts are (the SDE, the rollouts' guidance), the reward RL maximises.\n"
+)
+
+
 def reward_table(start: dict[str, float], end: dict[str, float]) -> str:
     """grpo's held-out reward metrics before the first and after the last RL step."""
     keys = ["combined", *sorted(k for k in start if k != "combined" and k in end)]
+    keys.sort(key=lambda k: k.startswith("rollout/"))  # the ODE evaluation first, then the rollout sampler's
     lines = ["| held-out reward | SFT checkpoint (grpo step 0) | after grpo |", "|---|---|---|"]
     lines += [f"| {k} | {start[k]:.3f} | {end[k]:.3f} |" for k in keys if k in start and k in end]
     return "\n".join(lines) + "\n"
@@ -105,6 +112,8 @@ def write_report(stages: list[StageReport], out_dir: str | Path, header: str = "
             "## RL reward (grpo's held-out prompts)\n",
             reward_table(grpo.reward["start"], grpo.reward["end"]),
         ]
+        if "rollout/combined" in grpo.reward["end"]:
+            parts.append(ROLLOUT_NOTE)
     parts += ["## Training runs\n", training_table(stages)]
     parts.append("## Samples\n")
     for s in stages:

@@ -146,7 +146,7 @@ def aux_batches(n: int) -> list[dict]:
 
 
 def test_fit_logs_evaluates_and_checkpoints_the_reference(tiny_model_cfg, tmp_path):
-    stage = grpo_stage(tmp_path, {"test_brightness": 1.0, "tiny_world": 0.5})
+    stage = grpo_stage(tmp_path, {"test_brightness": 1.0, "tiny_world": 0.5}, eval_rollout_sampler=True)
     module = MRGRPOModule(tiny_model_cfg, stage, max_steps=3, image_size=64, out_dir=tmp_path / "run")
     trainer = L.Trainer(
         accelerator="cpu",
@@ -179,6 +179,7 @@ def test_fit_logs_evaluates_and_checkpoints_the_reference(tiny_model_cfg, tmp_pa
         "grad_norm/total",
         "time/rollout",
         "eval/combined",
+        "eval/rollout/combined",  # eval_rollout_sampler: also scored as the rollouts sample
     ):
         assert key in metrics, key
     policy, reference = module.backbone.dit.pos_embed.proj.weight, module.reference_dit.pos_embed.proj.weight
@@ -190,6 +191,26 @@ def test_fit_logs_evaluates_and_checkpoints_the_reference(tiny_model_cfg, tmp_pa
     assert any(k.startswith("reference_dit.") for k in saved)
     frozen = ("backbone.vlm.", "backbone.bridge.")  # LoRA and bridge stay as the SFT checkpoint left them
     assert not any(k.startswith(frozen) for k in saved)
+
+
+def test_held_out_eval_can_sample_as_the_rollouts_do(tiny_model_cfg, tmp_path):
+    """sampler="rollout" uses the rollouts' SDE, steps and guidance: with eta 0 and no CFG it is the
+    ODE evaluation at CFG 1 over the same steps and noise; with the SDE's noise it is not."""
+    torch.manual_seed(0)
+    stage = grpo_stage(
+        tmp_path, {"test_brightness": 1.0}, eta=0.0, cfg_scale=0.0, eval_cfg_scale=1.0, eval_num_steps=4
+    )
+    module = build(tiny_model_cfg, stage, tmp_path)
+    torch.nn.init.normal_(
+        module.backbone.bridge.seq_head.weight
+    )  # zero-initialised: prompts would not matter
+    prompts = module.eval_prompts
+    ode = module.evaluate(prompts)
+    assert module.evaluate(prompts, sampler="rollout") == pytest.approx(ode, abs=2e-3)
+    module.grpo.eta = 1.0
+    noisy = module.evaluate(prompts, sampler="rollout")["combined"]
+    assert abs(noisy - ode["combined"]) > 1e-3
+    assert module.evaluate(prompts, sampler="rollout")["combined"] == noisy  # seeded like the ODE evaluation
 
 
 def test_resume_continues_exactly(tiny_model_cfg, tmp_path):
