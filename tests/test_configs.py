@@ -84,4 +84,5 @@ def test_grpo_stage_has_the_original_settings_and_the_tiny_recipe():
     assert weights == {"general": 1.0, "reasoning": 1.0, "text_rendering": 3.0}  # text rendering 3x
     assert g.prompt_sets[0].path == real.data.shards_dir
     tiny = OmegaConf.to_object(compose_train("stage=grpo")).stage
-    assert (tiny.optim.lr, tiny.grpo.num_steps) == (3e-4, 20)  # conf/recipe/tiny_grpo.yaml
+    assert (tiny.optim.lr, tiny.grpo.num_steps) == (1e-4, 20)  # conf/recipe/tiny_grpo.yaml
+    assert tiny.grpo.eval_rollout_sampler and not g.eval_rollout_sampler  # tiny: both samplers scored
