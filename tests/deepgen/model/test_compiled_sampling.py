@@ -16,6 +16,15 @@ SHORT = "a red circle"
 LONG = "a large blue square to the left of a green triangle"
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo counts compiled variants per code object for the whole process, and other tests compile
+    the same method: each test here starts with none (otherwise the recompile limit turns it eager)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture
 def backbone(tiny_model_cfg):
     torch.manual_seed(0)
