@@ -217,6 +217,21 @@ class MRGRPOModule(StageModule):
         return self.backbone.guided_velocity_fn(cond, uncond, self.grpo.cfg_scale, dit=dit)
 
     @torch.no_grad()
+    def sample_rollout(
+        self, prompts: list[Prompt], items: list[tuple[int, int]], x: Tensor, generator: torch.Generator
+    ) -> Rollout:
+        """One chunk sampled as the rollouts are, from initial noise ``x``: SDE trajectory with its
+        log-probabilities, conditional only or with CFG (the empty prompt) when cfg_scale > 1."""
+        g = self.grpo
+        bb = self.backbone
+        texts = [prompts[i].text for i, _ in items]
+        cond = bb.condition_t2i(texts)
+        uncond = bb.condition_t2i([""] * len(texts)) if g.cfg_scale > 1 else None
+        sigmas = inference_sigmas(bb.scheduler, g.num_steps).to(bb.device)
+        latents, log_probs = sde_rollout(self.velocity_fn(cond, uncond), x, sigmas, g.sde, g.eta, generator)
+        return Rollout(items, cond, uncond, latents, log_probs, to_uint8(bb.decode_latents(latents[-1])))
+
+    @torch.no_grad()
     def rollout(
         self, prompts: list[Prompt], step: int
     ) -> tuple[list[Rollout], dict[str, RewardResult], dict]:
@@ -230,19 +245,14 @@ class MRGRPOModule(StageModule):
         for w, h in sizes:
             shape = (1 if g.same_noise else g.group_size, *bb.latent_shape(h, w))
             noise.append(torch.randn(shape, generator=gen, device=bb.device).expand(g.group_size, *shape[1:]))
-        sigmas = inference_sigmas(bb.scheduler, g.num_steps).to(bb.device)
         rollouts, handles = [], []
         chunks = plan_chunks(sizes, g.group_size, g.rollout_batch_size)
         start = time.perf_counter()
         for items in chunks:
-            texts = [prompts[i].text for i, _ in items]
-            cond = bb.condition_t2i(texts)
-            uncond = bb.condition_t2i([""] * len(texts)) if g.cfg_scale > 1 else None
             x = torch.stack([noise[i][m] for i, m in items])
-            latents, log_probs = sde_rollout(self.velocity_fn(cond, uncond), x, sigmas, g.sde, g.eta, gen)
-            images = to_uint8(bb.decode_latents(latents[-1]))
-            handles.append(self.submit_rewards(prompts, items, images))
-            rollouts.append(Rollout(items, cond, uncond, latents, log_probs, images))
+            rollout = self.sample_rollout(prompts, items, x, gen)
+            handles.append(self.submit_rewards(prompts, items, rollout.images))
+            rollouts.append(rollout)
         rollout_time = time.perf_counter() - start
         results, counters = self.collect_rewards(prompts, chunks, handles)
         wait = time.perf_counter() - start - rollout_time
@@ -430,19 +440,23 @@ class MRGRPOModule(StageModule):
             w, h = sizes[idx[0]]
             texts = [prompts[i].text for i in idx]
             gen = torch.Generator(device=bb.device).manual_seed(_seed("eval", self.seed, idx[0]))
-            cond = bb.condition_t2i(texts)
             if sampler == "rollout":
-                uncond = bb.condition_t2i([""] * len(texts)) if g.cfg_scale > 1 else None
                 x = torch.randn((len(texts), *bb.latent_shape(h, w)), generator=gen, device=bb.device)
-                sigmas = inference_sigmas(bb.scheduler, g.num_steps).to(bb.device)
-                latents, _ = sde_rollout(self.velocity_fn(cond, uncond), x, sigmas, g.sde, g.eta, gen)
-                images = bb.decode_latents(latents[-1])
+                images = self.sample_rollout(prompts, chunk, x, gen).images
             else:
-                uncond = bb.condition_t2i([""] * len(texts))
-                images = bb.sample(
-                    cond, uncond, h, w, num_steps=g.eval_num_steps, cfg_scale=g.eval_cfg_scale, generator=gen
+                cond, uncond = bb.condition_t2i(texts), bb.condition_t2i([""] * len(texts))
+                images = to_uint8(
+                    bb.sample(
+                        cond,
+                        uncond,
+                        h,
+                        w,
+                        num_steps=g.eval_num_steps,
+                        cfg_scale=g.eval_cfg_scale,
+                        generator=gen,
+                    )
                 )
-            handles.append(self.submit_rewards(prompts, chunk, to_uint8(images)))
+            handles.append(self.submit_rewards(prompts, chunk, images))
             order += idx
         results, _ = self.collect_rewards(prompts, chunks, handles)
         self.train(was_training)

@@ -295,9 +295,12 @@ class DeepGenBackbone(nn.Module):
         both = cond if uncond is None else cond.cat(uncond)
         refs = ref_latents if uncond is None or ref_latents is None else ref_latents + ref_latents
         compiled = self._compiled_velocity if dit is None else None
-        fixed = both.padded(self._pad_multiple) if compiled is not None else both
-        if fixed.mask is not None and bool(fixed.mask.all()):  # the DiT's check, once rather than per step
-            fixed = Conditioning(fixed.seq, fixed.pooled, None)
+        if compiled is not None:
+            fixed = both.padded(self._pad_multiple)
+            if fixed.mask is not None and bool(
+                fixed.mask.all()
+            ):  # the DiT's check, once rather than per step
+                fixed = Conditioning(fixed.seq, fixed.pooled, None)
 
         def velocity(x: Tensor, sigma: Tensor) -> Tensor:
             s = sigma.to(self.device).expand(x.shape[0])
