@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from deepgen.config import DataConfig, StageConfig
 from deepgen.data.shards import ReadOptions, Source, TaskCycleDataset, resolve_shards
+from deepgen.data.tiny_world import FORMAT_VERSION as TINY_WORLD_FORMAT_VERSION
 from deepgen.data.tiny_world import write_tiny_world_shards
 from deepgen.data.writer import MANIFEST_NAME
 
@@ -63,9 +64,10 @@ class DeepGenDataModule(L.LightningDataModule):
                     f"data.shards_dir={cfg.shards_dir} holds other files and no shards; point it to an empty "
                     "or new directory for the tiny world"
                 )
-        if found and manifest.get("arguments") == wanted:
+        current = manifest.get("version") == TINY_WORLD_FORMAT_VERSION
+        if found and current and manifest.get("arguments") == wanted:
             return
-        why = "its settings changed" if found else "first use"
+        why = "first use" if not found else "its settings changed" if current else "its format changed"
         log.info(f"Generating tiny-world shards in {cfg.shards_dir} ({why}): {wanted}")
         write_tiny_world_shards(cfg.shards_dir, **wanted, overwrite=True)
 

@@ -47,7 +47,7 @@ import random
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from functools import cache
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -631,7 +631,7 @@ def holdout_split(key: str) -> str:
 # Samples and shards (schema documented in data/README.md). A drawer turns a random stream into
 # (holdout key, json fields) for one task and category.
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: categories spread evenly through each task's shards
 EVAL_DIR = "eval"
 MAX_DRAWS = 1000  # redraws to find a prompt on the wanted side of the holdout (about 1 in 8 are eval)
 
@@ -795,6 +795,22 @@ def make_edit_sample(seed: int, index: int, image_size: int = 64, category: str 
     }
 
 
+def interleaved(per_category: dict[str, int]) -> list[tuple[str, int]]:
+    """(category, index) of a task's samples in shard order: every category spread evenly.
+
+    Sample i of a category with n samples sits at (i + 0.5) / n of the way through, so every stretch of
+    every shard, and so every shuffle buffer reading it, holds the categories in proportion. Writing
+    them one after another made training stream a single category for a whole shard at a time.
+    """
+    order = sorted(
+        ((i + 0.5) / n, rank, category, i)
+        for rank, category in enumerate(CATEGORIES)
+        for n in [per_category.get(category, 0)]
+        for i in range(n)
+    )
+    return [(category, i) for _, _, category, i in order]
+
+
 def _write_shards(out_dir: Path, task: str, samples: Iterable[dict], per_shard: int) -> dict[str, int]:
     """Write samples into consecutive shards of `per_shard`; returns shard name -> sample count."""
     counts: dict[str, int] = {}
@@ -844,7 +860,7 @@ def write_tiny_world_shards(
 ) -> dict:
     """Write t2i-NNNNNN.tar, edit-NNNNNN.tar, manifest.json and (with num_eval_per_split) eval/*.jsonl.
 
-    Each task's shards hold its categories one after another (general, text_rendering, reasoning).
+    Each task's shards hold its categories spread evenly (:func:`interleaved`).
     Everything is built in a hidden sibling directory that is renamed into place at the end, so an
     interrupted build never leaves a directory that looks complete. The output is a pure function of
     the arguments (byte-identical files for the same arguments). Returns the manifest.
@@ -870,9 +886,8 @@ def write_tiny_world_shards(
     try:
         shard_counts: dict[str, int] = {}
         for task, per_category in counts.items():
-            samples = chain.from_iterable(
-                (makers[task](seed, i, image_size, category) for i in range(per_category[category]))
-                for category in CATEGORIES
+            samples = (
+                makers[task](seed, i, image_size, category) for category, i in interleaved(per_category)
             )
             shard_counts.update(_write_shards(tmp, task, samples, samples_per_shard))
         eval_files = (
@@ -900,9 +915,9 @@ def write_tiny_world_shards(
             "image_size": image_size,
             "samples_per_shard": samples_per_shard,
             "categories": counts,
-            "layout": "categories mixed into each task's shards, one after another in the order "
-            + ", ".join(CATEGORIES)
-            + f"; text_rendering images are {SIGN_ASPECT * image_size}x{image_size}",
+            "layout": "categories mixed into each task's shards, spread evenly (sample i of a category "
+            f"with n samples at (i + 0.5) / n of the way through); text_rendering images are "
+            f"{SIGN_ASPECT * image_size}x{image_size}",
             "eval": {"dir": EVAL_DIR, "files": eval_files, "holdout_modulus": HOLDOUT_MODULUS},
         }
         manifest = write_manifest(tmp, info, shard_counts)

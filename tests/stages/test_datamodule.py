@@ -1,6 +1,9 @@
+import json
+
 import pytest
 
 from deepgen.config import DataConfig, DatasetConfig, StageConfig
+from deepgen.data.tiny_world import FORMAT_VERSION as TINY_WORLD_FORMAT_VERSION
 from deepgen.data.tiny_world import write_tiny_world_shards
 from stages.datamodule import DeepGenDataModule
 
@@ -64,6 +67,11 @@ def test_tiny_world_is_generated_and_regenerated_when_its_settings_change(tmp_pa
     dm.data_cfg.tiny_world.num_t2i = 9
     dm.prepare_data()
     assert '"num_t2i": 9' in (tmp_path / "tw" / "manifest.json").read_text()
+    # Shards of an older format (same arguments) are rebuilt too.
+    path = tmp_path / "tw" / "manifest.json"
+    path.write_text(path.read_text().replace(f'"version": {TINY_WORLD_FORMAT_VERSION},', '"version": 2,'))
+    dm.prepare_data()
+    assert json.loads(path.read_text())["version"] == TINY_WORLD_FORMAT_VERSION
     sizes = {
         tuple(b["images"].shape[-2:])
         for _, b in zip(range(12), dm.train_dataloader(), strict=False)

@@ -494,6 +494,9 @@ def test_full_build_samples_follow_the_schema(full_build):
     assert manifest["counts"] == {"t2i": 28, "edit": 20} and len(samples) == 48
     assert manifest["shards"]["t2i"] == {"t2i-000000.tar": 16, "t2i-000001.tar": 12}
     assert "mixed" in manifest["layout"]
+    # Categories are spread through the shards, not written one after another.
+    first_shard = [k for k in samples if k.startswith("t2i")][:16]
+    assert {k.split("-")[1] for k in first_shard} >= {"reasoning", "text_rendering"}
     seen = {}
     for key, sample in samples.items():
         task = key.split("-")[0]
@@ -543,3 +546,20 @@ def test_full_build_is_deterministic(full_build):
     assert files_a == files_b and len(files_a) == 4 + 1 + 6
     for rel in files_a:
         assert (root / "a" / rel).read_bytes() == (root / "b" / rel).read_bytes(), rel
+
+
+def test_interleaved_spreads_every_category_evenly():
+    order = tw.interleaved({"general": 8, "text_rendering": 2, "reasoning": 4})
+    assert sorted(order) == sorted(
+        [("general", i) for i in range(8)]
+        + [("text_rendering", i) for i in range(2)]
+        + [("reasoning", i) for i in range(4)]
+    )
+    # Within a category the order is kept; any window of 7 holds each category in proportion (+-1).
+    for category in ("general", "text_rendering", "reasoning"):
+        indices = [i for c, i in order if c == category]
+        assert indices == sorted(indices)
+    for start in range(len(order) - 6):
+        window = [c for c, _ in order[start : start + 7]]
+        assert 3 <= window.count("general") <= 5 and 1 <= window.count("reasoning") <= 3
+    assert tw.interleaved({"general": 3}) == [("general", 0), ("general", 1), ("general", 2)]
