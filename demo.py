@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             default=DEFAULT_STEPS.get(stage),
             help=f"training steps of {stage} (default: {DEFAULT_STEPS.get(stage, 'its tiny recipe')})",
         )
-    p.add_argument("--eval-limit", type=positive_int, default=16, help="benchmark prompts per category")
+    p.add_argument("--eval-limit", type=positive_int, default=32, help="benchmark prompts per category")
     p.add_argument("--eval-steps", type=positive_int, default=20, help="Euler steps per benchmark image")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -99,10 +99,12 @@ def untrained_backbone(run_dir: Path, seed: int) -> DeepGenBackbone:
 
 def benchmark(backbone: DeepGenBackbone, name: str, out: Path, eval_dir: Path, args) -> tuple[dict, Path]:
     folder = out / "benchmark" / name
-    if (folder / "results.json").is_file():  # a rerun reuses finished evaluations
-        return json.loads((folder / "results.json").read_text()), folder
-    print(f"\n==> benchmark: {name}", flush=True)
     settings = EvalSettings(num_steps=args.eval_steps, seed=args.seed, limit=args.eval_limit)
+    if (folder / "results.json").is_file():  # a rerun reuses finished evaluations with the same settings
+        results = json.loads((folder / "results.json").read_text())
+        if all(results["settings"].get(k) == getattr(settings, k) for k in ("num_steps", "seed", "limit")):
+            return results, folder
+    print(f"\n==> benchmark: {name}", flush=True)
     results = evaluate_backbone(backbone, eval_dir, settings, folder)
     write_results(results, folder, {"model": name})
     return results, folder

@@ -73,6 +73,14 @@ def test_demo_runs_the_three_stages_and_reports_each(tiny_zoo, tmp_path):
     assert "==> " not in proc.stdout
     assert json.loads((out / "demo_state.json").read_text()) == state
 
+    # Other benchmark settings re-evaluate every model and train nothing.
+    proc = demo(out, tiny_zoo, tmp_path / "shards", "--eval-limit", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("==> ")] == [
+        f"==> benchmark: {name}" for name in ("untrained", "align", "sft", "grpo")
+    ]
+    assert json.loads((out / "benchmark" / "sft" / "results.json").read_text())["settings"]["limit"] == 2
+
 
 def test_demo_refuses_an_unknown_stage_prefix(tiny_zoo, tmp_path):
     proc = demo(tmp_path / "demo", tiny_zoo, tmp_path / "shards", "rl:stage.optim.lr=1")
