@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed  ## create .venv with the pinned dependencies
 
-demo: setup  ## align -> sft -> grpo -> benchmark on the tiny world, with a report (CPU, about 17 minutes)
+demo: setup  ## align -> sft -> grpo -> benchmark on the tiny world, with a report (CPU, about 18 minutes)
 	$(BIN)/python demo.py $(ARGS)
 
 train: setup  ## joint SFT on the tiny world (builds tiny models and shards on first use)
