@@ -297,9 +297,8 @@ class DeepGenBackbone(nn.Module):
         compiled = self._compiled_velocity if dit is None else None
         if compiled is not None:
             fixed = both.padded(self._pad_multiple)
-            if fixed.mask is not None and bool(
-                fixed.mask.all()
-            ):  # the DiT's check, once rather than per step
+            # The DiT's all-true-mask check, made once here rather than as a host sync in every step.
+            if fixed.mask is not None and bool(fixed.mask.all()):
                 fixed = Conditioning(fixed.seq, fixed.pooled, None)
 
         def velocity(x: Tensor, sigma: Tensor) -> Tensor:
