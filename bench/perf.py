@@ -705,12 +705,18 @@ def measurements(s: Settings) -> dict[str, tuple[dict, Prepare, Prepare]]:
     return out
 
 
+def run_side(prepare: Prepare, s: Settings) -> dict:
+    """Build one side and time it; its models live in this frame only, so they are gone on return."""
+    step, images, *fast = prepare(s)
+    return time_step(step, images, s, *fast)
+
+
 def measure_side(prepare: Prepare, s: Settings) -> dict:
-    """One side of one measurement; a failure (e.g. out of memory) is recorded, not raised."""
+    """One side of one measurement; a failure (e.g. out of memory) is recorded, not raised. The side's
+    models are freed before the next one is built: two full-size backbones do not fit at once."""
     torch.manual_seed(s.seed)
-    try:  # no local keeps the step (and its models) alive past this call
-        step, images, *fast = prepare(s)
-        result = time_step(step, images, s, *fast)
+    try:
+        result = run_side(prepare, s)
     except Exception as error:  # the suite goes on; the JSON says what failed and why
         traceback.print_exc()
         result = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
@@ -803,6 +809,10 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, list[str], Path]:
     on_cpu = torch.device(device).type == "cpu"
     frozen = a.frozen_dtype or ("float32" if on_cpu else "bfloat16")
     precision = a.precision or ("32-true" if on_cpu else d.precision)  # as conf/hardware/{cpu,gpu}.yaml
+    if frozen != "float32" and "mixed" not in precision:
+        p.error(
+            f"--frozen-dtype {frozen} needs autocast to meet the fp32 trainables: add --precision bf16-mixed"
+        )
     s = Settings(
         model=a.model,
         device=device,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import weakref
 from types import ModuleType
 
 import pytest
@@ -151,6 +152,43 @@ def test_our_side_compiles_after_counting_flops(tmp_path, monkeypatch):
     numerics = fast_doc["compile_numerics"]
     assert numerics["ok"] and numerics["loss_eager"] > 0
     assert max(numerics["rel_diff"].values()) < 1e-4  # fp32, same graphs
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_side_frees_its_models_before_the_next_is_built(monkeypatch, fails):
+    """Two full-size backbones do not fit at once, so one side's models must be gone when
+    ``free_memory`` runs, also when the side failed (its traceback must not keep them)."""
+    models = []
+
+    def prepare(s):
+        model = torch.nn.Linear(2, 2)
+        model.me = [model]  # a reference cycle, as Lightning's objects have: only gc frees it
+        models.append(weakref.ref(model))
+
+        def step():
+            model(torch.ones(2))
+            if fails:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+
+        return step, 1
+
+    alive_at_free = []
+    free_memory = perf_module.free_memory
+
+    def checked_free_memory(device):
+        free_memory(device)
+        alive_at_free.append(models[-1]() is not None)
+
+    monkeypatch.setattr(perf_module, "free_memory", checked_free_memory)
+    result = perf_module.measure_side(prepare, perf_module.Settings(device="cpu", warmup=0, iters=1))
+    assert ("error" in result) == fails
+    assert alive_at_free == [False]
+
+
+def test_frozen_bf16_weights_need_autocast(capsys):
+    with pytest.raises(SystemExit):
+        perf([*TINY, "--frozen-dtype", "bfloat16", "--out", "unused.json"])
+    assert "--precision bf16-mixed" in capsys.readouterr().err
 
 
 def test_largest_fitting_doubles_then_bisects():
