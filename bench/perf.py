@@ -809,7 +809,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, list[str], Path]:
     on_cpu = torch.device(device).type == "cpu"
     frozen = a.frozen_dtype or ("float32" if on_cpu else "bfloat16")
     precision = a.precision or ("32-true" if on_cpu else d.precision)  # as conf/hardware/{cpu,gpu}.yaml
-    if frozen != "float32" and "mixed" not in precision:
+    if frozen != "float32" and precision.startswith(("32", "64")):  # fp32 compute without autocast
         p.error(
             f"--frozen-dtype {frozen} needs autocast to meet the fp32 trainables: add --precision bf16-mixed"
         )

@@ -185,9 +185,9 @@ def test_a_side_frees_its_models_before_the_next_is_built(monkeypatch, fails):
     assert alive_at_free == [False]
 
 
-def test_frozen_bf16_weights_need_autocast(capsys):
+def test_frozen_bf16_weights_need_autocast(capsys, tmp_path):
     with pytest.raises(SystemExit):
-        perf([*TINY, "--frozen-dtype", "bfloat16", "--out", "unused.json"])
+        perf([*TINY, "--frozen-dtype", "bfloat16", "--out", str(tmp_path / "perf.json")])
     assert "--precision bf16-mixed" in capsys.readouterr().err
 
 
