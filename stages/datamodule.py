@@ -67,7 +67,12 @@ class DeepGenDataModule(L.LightningDataModule):
         current = manifest.get("version") == TINY_WORLD_FORMAT_VERSION
         if found and current and manifest.get("arguments") == wanted:
             return
-        why = "first use" if not found else "its settings changed" if current else "its format changed"
+        if not found:
+            why = "first use"
+        elif not current:
+            why = "its format changed"
+        else:
+            why = "its settings changed"
         log.info(f"Generating tiny-world shards in {cfg.shards_dir} ({why}): {wanted}")
         write_tiny_world_shards(cfg.shards_dir, **wanted, overwrite=True)
 

@@ -802,13 +802,11 @@ def interleaved(per_category: dict[str, int]) -> list[tuple[str, int]]:
     every shard, and so every shuffle buffer reading it, holds the categories in proportion. Writing
     them one after another made training stream a single category for a whole shard at a time.
     """
-    order = sorted(
-        ((i + 0.5) / n, rank, category, i)
-        for rank, category in enumerate(CATEGORIES)
-        for n in [per_category.get(category, 0)]
-        for i in range(n)
-    )
-    return [(category, i) for _, _, category, i in order]
+    order = []
+    for rank, category in enumerate(CATEGORIES):
+        n = per_category.get(category, 0)
+        order += [((i + 0.5) / n, rank, category, i) for i in range(n)]
+    return [(category, i) for _, _, category, i in sorted(order)]
 
 
 def _write_shards(out_dir: Path, task: str, samples: Iterable[dict], per_shard: int) -> dict[str, int]:
